@@ -1,0 +1,155 @@
+"""Render a partitioned ATen graph as a readable Python function: the runtime's entry point.
+
+Our own emitter rather than GraphModule.code: the wrapper calls ops through their C++ entry
+points, frees each value after its last use, and carries no fx machinery at run time, so the
+runtime can load it (and later a cached copy) without importing the compiler."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+_INFIX = {operator.add: "+", operator.sub: "-", operator.mul: "*", operator.truediv: "/",
+          operator.floordiv: "//", operator.mod: "%", operator.pow: "**", operator.eq: "==",
+          operator.ne: "!=", operator.lt: "<", operator.le: "<=", operator.gt: ">",
+          operator.ge: ">="}
+
+
+@dataclasses.dataclass
+class WrapperSource:
+    source: str
+    bindings: dict[str, Any]  # constants, artifacts and non-literal arguments, by global name
+
+
+def render_wrapper(gm: fx.GraphModule, artifacts: dict[str, Any], title: str) -> WrapperSource:
+    return _Renderer(gm, artifacts).render(title)
+
+
+class _Renderer:
+    def __init__(self, gm: fx.GraphModule, artifacts: dict[str, Any]) -> None:
+        self.gm = gm
+        self.artifacts = artifacts
+        self.bindings: dict[str, Any] = {}
+        self.header: dict[str, str] = {}  # global name -> the line that defines it
+        self.names: dict[fx.Node, str] = {}
+        self.taken = {n.name for n in gm.graph.nodes} | {"args", "torch"}
+
+    def render(self, title: str) -> WrapperSource:
+        nodes = list(self.gm.graph.nodes)
+        last_use = {}
+        for i, node in enumerate(nodes):
+            for arg in node.all_input_nodes:
+                last_use[arg] = i
+        placeholders = [n for n in nodes if n.op == "placeholder"]
+        for n in placeholders:
+            self.names[n] = n.name
+        body = [f"    {_unpack(placeholders)} = args", "    args.clear()"]
+        for i, node in enumerate(nodes):
+            line = self._line(node)
+            if line:
+                body.append("    " + line)
+            dead = [self.names[a] for a in node.all_input_nodes
+                    if last_use[a] == i and a.op != "get_attr" and node.op != "output"]
+            dead += [n.name for n in placeholders if n not in last_use and i == 0]
+            if dead:
+                body.append(f"    del {', '.join(sorted(set(dead)))}")
+        ops = sum(1 for n in nodes if n.op == "call_function")
+        lines = [f"# {title}: {ops} ops, {len(self.artifacts)} compiled partitions",
+                 *self.header.values(), "", "", "def run(args):", *body, ""]
+        return WrapperSource("\n".join(lines), self.bindings)
+
+    def _line(self, node: fx.Node) -> str | None:
+        if node.op == "placeholder":
+            return None
+        if node.op == "get_attr":
+            self.names[node] = self._bind(f"c_{node.target}", getattr(self.gm, node.target))
+            return None
+        if node.op == "output":
+            return f"return {self._value(node.args[0])}"
+        self.names[node] = node.name
+        if not node.users:  # a mutation kept for its effect (copy_ into an input)
+            return self._call(node)
+        return f"{node.name} = {self._call(node)}"
+
+    def _call(self, node: fx.Node) -> str:
+        args = [self._value(a) for a in node.args]
+        args += [f"{k}={self._value(v)}" for k, v in node.kwargs.items()]
+        target = node.target
+        if node.op == "call_module":
+            fn = self._bind(node.target, self.artifacts[node.target])
+            return f"{fn}({', '.join(args)})"
+        if target is operator.getitem:
+            return f"{args[0]}[{args[1]}]"
+        if target in _INFIX and len(args) == 2:
+            return f"{args[0]} {_INFIX[target]} {args[1]}"
+        return f"{self._function(target)}({', '.join(args)})"
+
+    def _function(self, target: Any) -> str:
+        if isinstance(target, torch._ops.OpOverload):
+            packet = target.overloadpacket.__name__
+            name = f"{packet}_{target._overloadname}".replace(".", "_")
+            qualname = f"{target.namespace}::{packet}.{target._overloadname}"
+            return self._header(name, f'aten_op("{qualname}")')
+        path = f"{target.__module__}.{target.__name__}"
+        return self._header(path.replace(".", "_"), f'python_function("{path}")')
+
+    def _header(self, name: str, definition: str) -> str:
+        """A global bound once at load time; named apart from every value in the graph."""
+        line = f"{{}} = {definition}"
+        for existing, text in self.header.items():
+            if text == line.format(existing):
+                return existing
+        name = self._fresh(name)
+        self.header[name] = line.format(name)
+        return name
+
+    def _bind(self, name: str, value: Any) -> str:
+        for existing, bound in self.bindings.items():
+            if bound is value:
+                return existing
+        name = self._fresh("".join(c if c.isalnum() else "_" for c in name))
+        self.bindings[name] = value
+        return name
+
+    def _fresh(self, name: str) -> str:
+        while name in self.taken:
+            name += "_"
+        self.taken.add(name)
+        return name
+
+    def _value(self, value: Any) -> str:
+        if isinstance(value, fx.Node):
+            return self.names[value]
+        if isinstance(value, (list, tuple)):
+            inner = ", ".join(self._value(v) for v in value)
+            if isinstance(value, tuple):
+                return f"({inner},)" if len(value) == 1 else f"({inner})"
+            return f"[{inner}]"
+        literal = _literal(value)
+        if literal is not None:
+            return literal
+        return self._bind(f"k{len(self.bindings)}", value)
+
+
+def _literal(value: Any) -> str | None:
+    if value is None or isinstance(value, (bool, int, str)):
+        return repr(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else f"float('{value}')"
+    if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+        return str(value)  # "torch.float32", "torch.strided", "torch.contiguous_format"
+    if isinstance(value, torch.device):
+        return f"torch.device({str(value)!r})"
+    return None
+
+
+def _unpack(placeholders: list[fx.Node]) -> str:
+    if not placeholders:
+        return "()"
+    names = ", ".join(n.name for n in placeholders)
+    return f"({names},)" if len(placeholders) == 1 else names

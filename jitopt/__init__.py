@@ -1,0 +1,43 @@
+"""jitopt: a PyTorch-native JIT compiler backend.
+
+    fast = torch.compile(model, backend="jitopt")
+    @jitopt.optimize
+    served = jitopt.for_inference(model)
+
+The public names load lazily, so `jitopt.runtime` (which runs compiled artifacts) imports
+without pulling in the compiler.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    "backend": "jitopt.compiler",
+    "Config": "jitopt.config",
+    "optimize": "jitopt.api",
+    "for_inference": "jitopt.api",
+    "explain": "jitopt.explain",
+    "ExplainReport": "jitopt.explain",
+    "counters": "jitopt.debug",
+    "reset_counters": "jitopt.debug",
+    "JitoptError": "jitopt.errors",
+    "JitoptFallbackWarning": "jitopt.errors",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'jitopt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -1,0 +1,182 @@
+"""The compile pipeline: Dynamo graph -> ATen (capture) -> passes -> partitions -> runtime."""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from jitopt import capture
+from jitopt.codegen.partition import partition_graph
+from jitopt.codegen.python_wrapper import render_wrapper
+from jitopt.config import Config, resolve
+from jitopt.debug import DumpDir, counters, log
+from jitopt.errors import JitoptFallbackWarning
+from jitopt.passes import INFERENCE_ONLY, PIPELINE, run_passes
+from jitopt.passes.constants import meta_like
+from jitopt.passes.graph_facts import is_mutated
+from jitopt.report import AtenGraphReport, GraphReport, new_graph_report
+from jitopt.runtime.compiled_graph import CompiledGraph, FrozenInput
+
+# How many sets of frozen weights one graph keeps compiled before it stops freezing (a graph
+# shared by several module instances sees a different set per instance).
+MAX_FROZEN_VARIANTS = 8
+
+
+def backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | None = None,
+            options: dict[str, Any] | None = None) -> Callable[..., Any]:
+    """The Dynamo backend registered as "jitopt": `torch.compile(m, backend="jitopt")`."""
+    return compile_graph(gm, example_inputs, resolve(options, mode))
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any],
+                  config: Config) -> Callable[..., Any]:
+    """Compile one Dynamo graph; on an internal error, run it as captured (see Config.on_error)."""
+    start = time.perf_counter()
+    report = new_graph_report(
+        dynamo_ops=sum(n.op in ("call_function", "call_method", "call_module")
+                       for n in gm.graph.nodes),
+        inputs=len(example_inputs),
+        symbolic_inputs=sum(isinstance(x, torch.SymInt) for x in example_inputs))
+    counters["graphs"]["captured"] += 1
+    weights = ({i: example_inputs[i] for i in capture.param_buffer_inputs(gm)}
+               if config.freeze_weights else {})
+
+    def aten_compiler(kind: str):
+        def compile_aten(aten_gm: fx.GraphModule, aot_inputs: Sequence[Any]):
+            frozen = weights if kind == "inference" and len(aot_inputs) == len(
+                example_inputs) else {}
+            return _compile_aten(aten_gm, kind, config, report, frozen)
+        return compile_aten
+
+    try:
+        return capture.lower_to_aten(gm, example_inputs, inference=aten_compiler("inference"),
+                                     forward=aten_compiler("forward"),
+                                     backward=aten_compiler("backward"))
+    except Exception as e:
+        _fall_back(config, report.fallbacks, "capture to ATen", e)
+        return gm.forward
+    finally:
+        report.seconds = time.perf_counter() - start
+
+
+def _compile_aten(aten_gm: fx.GraphModule, kind: str, config: Config, graph: GraphReport,
+                  weights: dict[int, torch.Tensor]) -> Callable[..., Any]:
+    report = AtenGraphReport(kind)
+    graph.aten.append(report)
+    start = time.perf_counter()
+    try:
+        variants = _FrozenVariants(aten_gm, kind, config, report)
+        return variants.build(weights)
+    except Exception as e:
+        _fall_back(config, report.fallbacks, f"{kind} graph pipeline", e)
+        return capture.boxed(aten_gm)
+    finally:
+        report.seconds = time.perf_counter() - start
+
+
+class _FrozenVariants:
+    """Builds the compiled graph for one set of frozen weights, and another when a call brings
+    different or changed weights; after MAX_FROZEN_VARIANTS sets it compiles once unfrozen."""
+
+    def __init__(self, aten_gm: fx.GraphModule, kind: str, config: Config,
+                 report: AtenGraphReport) -> None:
+        self.original = fx.GraphModule(aten_gm, copy.deepcopy(aten_gm.graph))
+        self.kind, self.config, self.report = kind, config, report
+        self.weight_inputs: list[int] = []
+        self.variants: list[CompiledGraph] = []
+        self.unfrozen: CompiledGraph | None = None
+
+    def build(self, weights: dict[int, torch.Tensor]) -> CompiledGraph:
+        self.weight_inputs = sorted(weights)
+        gm = fx.GraphModule(self.original, copy.deepcopy(self.original.graph))
+        frozen = _freeze_inputs(gm, weights)
+        self.report.frozen_inputs = len(frozen)
+        dump = DumpDir(self.config.debug_dir, self.kind)
+        wrapper = _lower(gm, self.kind, self.config, self.report, dump)
+        compiled = CompiledGraph(wrapper.source, wrapper.bindings, name=self.kind,
+                                 frozen=frozen, on_stale=self.on_stale if frozen else None)
+        if frozen:
+            self.variants.append(compiled)
+        return compiled
+
+    def on_stale(self, args: list) -> CompiledGraph:
+        for variant in self.variants:
+            if all(f.matches(args[f.index]) for f in variant._frozen):
+                return variant
+        counters["graphs"]["recompiled_for_weights"] += 1
+        # A variant whose very tensors were changed in place can never match again.
+        self.variants = [v for v in self.variants
+                         if not all(f.tensor is args[f.index] for f in v._frozen)]
+        if len(self.variants) < MAX_FROZEN_VARIANTS:
+            log.info("jitopt: frozen weights differ from the compiled ones; recompiling")
+            return self.build({i: args[i] for i in self.weight_inputs})
+        if self.unfrozen is None:
+            log.info("jitopt: %d weight sets seen by one graph; compiling it unfrozen",
+                     len(self.variants))
+            self.unfrozen = self.build({})
+        return self.unfrozen
+
+
+def _freeze_inputs(gm: fx.GraphModule, weights: dict[int, torch.Tensor]) -> list[FrozenInput]:
+    """Turn weight inputs into get_attr constants; the placeholder stays (same signature)."""
+    frozen = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, tensor in sorted(weights.items()):
+        node = placeholders[i]
+        if tensor.is_inference() or is_mutated(node) or not isinstance(
+                node.meta.get("val"), torch.Tensor) or tensor.shape != node.meta["val"].shape:
+            continue  # version counters cannot guard it, or the graph writes into it
+        name = f"_frozen_{node.name}"
+        gm.register_buffer(name, tensor, persistent=False)
+        with gm.graph.inserting_after(placeholders[-1]):
+            const = gm.graph.get_attr(name)
+        const.meta["val"] = meta_like(tensor)
+        node.replace_all_uses_with(const)
+        frozen.append(FrozenInput(i, tensor))
+    gm.recompile()
+    return frozen
+
+
+def _lower(gm: fx.GraphModule, kind: str, config: Config, report: AtenGraphReport,
+           dump: DumpDir):
+    report.ops_captured = _count_ops(gm)
+    dump.write("captured.py", lazy=lambda: gm.print_readable(print_output=False))
+    passes = [p for p in PIPELINE if p.__name__ not in config.disabled_passes
+              and (kind == "inference" or p not in INFERENCE_ONLY)]
+    with capture.real_tensors():
+        records = run_passes(gm, passes, verify_each=config.verify == "each",
+                             dump=lambda name, text: dump.write(name, lazy=text))
+    for r in records:
+        counters["passes"][r.name] += r.changed
+    report.passes = [vars(r) for r in records]
+    artifacts, partitions = partition_graph(gm, config.targets, on_error=config.on_error)
+    report.partitions = [vars(p) for p in partitions]
+    report.fallbacks += [f"partition {p.name}: {p.fallback_reason}" for p in partitions
+                         if p.fallback_reason]
+    counters["fallbacks"]["partition"] += sum(bool(p.fallback_reason) for p in partitions)
+    report.ops_final = _count_ops(gm)
+    wrapper = render_wrapper(gm, artifacts, title=f"jitopt {kind} graph")
+    report.wrapper_source = wrapper.source
+    dump.write("wrapper.py", wrapper.source)
+    counters["graphs"][f"compiled_{kind}"] += 1
+    return wrapper
+
+
+def _count_ops(gm: fx.GraphModule) -> int:
+    return sum(n.op in ("call_function", "call_module") for n in gm.graph.nodes)
+
+
+def _fall_back(config: Config, fallbacks: list[str], stage: str, error: Exception) -> None:
+    if config.on_error == "raise":
+        raise error
+    reason = f"{stage} failed: {type(error).__name__}: {error}"
+    fallbacks.append(reason)
+    counters["fallbacks"][stage] += 1
+    warnings.warn(f"jitopt: {reason}; this graph runs on ATen (uncompiled) instead",
+                  JitoptFallbackWarning, stacklevel=2)

@@ -1,0 +1,148 @@
+"""The one set of jitopt options: a frozen dataclass, defaults in exactly one place."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
+
+ON_ERROR_CHOICES = ("warn", "raise")
+VERIFY_CHOICES = ("end", "each")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Options for one compilation. Build with `Config.from_options(...)` to get validation."""
+
+    on_error: Literal["warn", "raise"] = "warn"
+    """What an internal compile error does: "warn" runs that graph (or partition) on ATen with
+    one warning and counts a fallback; "raise" makes it an exception. Default from the
+    environment variable JITOPT_ON_ERROR when set."""
+
+    freeze_weights: bool = True
+    """In inference (nothing requires grad), treat parameters and buffers as constants so passes
+    can fold them. A weight changed in place after compiling is detected and recompiled."""
+
+    disabled_passes: tuple[str, ...] = ()
+    """Names of pipeline passes to skip (see `jitopt.passes.PIPELINE`)."""
+
+    targets: tuple[str, ...] = ("aten",)
+    """Lowering targets to try, in order of preference. ATen always runs what no other target
+    takes, so it is implied."""
+
+    autotune: bool = False
+    """Spend extra compile time measuring alternative lowerings and keep the fastest. Targets
+    that offer alternatives honour it; the ATen target has exactly one lowering."""
+
+    debug_dir: str | None = None
+    """Write numbered graph dumps and generated source here. Default from JITOPT_DEBUG_DIR."""
+
+    verify: Literal["end", "each"] = "end"
+    """Check the graph invariants (passes/README.md) after the whole pipeline, or after each
+    pass (slower, points at the pass that broke one)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("on_error", self.on_error, ON_ERROR_CHOICES)
+        _check_choice("verify", self.verify, VERIFY_CHOICES)
+        for name in ("freeze_weights", "autotune"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"jitopt option {name!r} must be True or False, "
+                                 f"got {getattr(self, name)!r}")
+        _check_names("disabled_passes", self.disabled_passes, _known_passes())
+        _check_names("targets", self.targets, _known_targets())
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None = None, *,
+                     mode: str | None = None) -> "Config":
+        """Validate user options (from torch.compile, the decorator or for_inference)."""
+        options = dict(options or {})
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise ValueError(f"unknown jitopt option(s) {unknown}; valid options are "
+                             f"{sorted(fields)}")
+        if mode is not None and mode not in PRESETS:
+            raise ValueError(f"unknown mode {mode!r}; valid modes are {sorted(PRESETS)}")
+        values: dict[str, Any] = dict(_environment_defaults())
+        values.update(PRESETS[mode or "default"])
+        values.update(options)
+        for key in ("disabled_passes", "targets"):
+            if isinstance(values.get(key), (list, set)):
+                values[key] = tuple(values[key])
+            if isinstance(values.get(key), str):
+                values[key] = (values[key],)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # torch.compile(mode=...) maps to these. "default": every pass, the default targets.
+    "default": {},
+    # "reduce-overhead": per-call overhead is what matters; same lowering as default (the
+    # generated wrapper is already the low-overhead path on CPU).
+    "reduce-overhead": {},
+    # "max-autotune": longer compiles for faster code: measure alternative lowerings.
+    "max-autotune": {"autotune": True},
+}
+
+
+def _environment_defaults() -> dict[str, Any]:
+    env: dict[str, Any] = {}
+    if os.environ.get("JITOPT_ON_ERROR"):
+        env["on_error"] = os.environ["JITOPT_ON_ERROR"]
+    if os.environ.get("JITOPT_DEBUG_DIR"):
+        env["debug_dir"] = os.environ["JITOPT_DEBUG_DIR"]
+    return env
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"jitopt option {name!r} got {value!r}; valid choices are "
+                         f"{list(choices)}")
+
+
+def _check_names(name: str, values: Any, known: tuple[str, ...]) -> None:
+    if not isinstance(values, tuple) or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"jitopt option {name!r} must be a list of names from {list(known)}")
+    bad = [v for v in values if v not in known]
+    if bad:
+        raise ValueError(f"jitopt option {name!r} got unknown name(s) {bad}; valid choices "
+                         f"are {list(known)}")
+
+
+def _known_passes() -> tuple[str, ...]:
+    from jitopt.passes import PIPELINE
+
+    return tuple(p.__name__ for p in PIPELINE)
+
+
+def _known_targets() -> tuple[str, ...]:
+    from jitopt.codegen.targets import TARGETS
+
+    return tuple(TARGETS)
+
+
+_active_patch: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def patch(**changes: Any) -> Iterator[None]:
+    """Override options for every compile in this block (for tests)."""
+    old = dict(_active_patch)
+    _active_patch.update(changes)
+    try:
+        yield
+    finally:
+        _active_patch.clear()
+        _active_patch.update(old)
+
+
+def resolve(options: Mapping[str, Any] | None, mode: str | None = None) -> Config:
+    """The Config one compile uses: environment, then preset, then options, then patch()."""
+    merged = dict(options or {})
+    merged.update(_active_patch)
+    return Config.from_options(merged, mode=mode)

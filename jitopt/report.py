@@ -1,0 +1,57 @@
+"""What one compilation did, recorded as it happens; `jitopt.explain` renders it."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+
+@dataclasses.dataclass
+class AtenGraphReport:
+    """One ATen graph AOTAutograd produced: "inference", "forward" or "backward"."""
+
+    kind: str
+    ops_captured: int = 0
+    ops_final: int = 0
+    frozen_inputs: int = 0
+    passes: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    partitions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    fallbacks: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    wrapper_source: str = ""
+
+
+@dataclasses.dataclass
+class GraphReport:
+    """One graph Dynamo captured and handed to the backend."""
+
+    index: int
+    dynamo_ops: int
+    inputs: int
+    symbolic_inputs: int
+    aten: list[AtenGraphReport] = dataclasses.field(default_factory=list)
+    fallbacks: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+
+_recorders: list[list[GraphReport]] = []
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[GraphReport]]:
+    """Collect a GraphReport for every graph compiled inside this block."""
+    found: list[GraphReport] = []
+    _recorders.append(found)
+    try:
+        yield found
+    finally:
+        _recorders.remove(found)
+
+
+def new_graph_report(**fields: Any) -> GraphReport:
+    report = GraphReport(index=sum(len(r) for r in _recorders[-1:]), **fields)
+    for recorder in _recorders:
+        recorder.append(report)
+    return report

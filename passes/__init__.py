@@ -1,0 +1,30 @@
+"""Graph-to-graph rewrites over ATen FX graphs, run in the order of PIPELINE."""
+
+from jitopt.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
+from jitopt.passes.eliminate_dead_code import eliminate_dead_code
+from jitopt.passes.fold_constants import fold_constants
+from jitopt.passes.fold_conv_bn import fold_conv_bn
+from jitopt.passes.fold_linear_bn import fold_linear_bn
+from jitopt.passes.infra import PassRecord, run_passes
+from jitopt.passes.remove_noops import remove_noops
+
+PIPELINE = [
+    # First: identities (dropout off, same-shape views, clones) hide the patterns below.
+    remove_noops,
+    # Turns weight transposes and other ops on frozen weights into constants, so the BN folds
+    # see a constant weight and no call pays for them again.
+    fold_constants,
+    # BatchNorm after conv / linear becomes new constant weights (needs fold_constants first).
+    fold_conv_bn,
+    fold_linear_bn,
+    # After the rewrites: they can expose duplicate ops on the same inputs.
+    eliminate_common_subexpressions,
+    # Last: sweeps what the rewrites left unused, and frees the constants they replaced.
+    eliminate_dead_code,
+]
+
+# Passes that are only correct without autograd (a training graph keeps detach and clone
+# semantics, and has no frozen weights to fold).
+INFERENCE_ONLY = frozenset({remove_noops, fold_constants, fold_conv_bn, fold_linear_bn})
+
+__all__ = ["PIPELINE", "INFERENCE_ONLY", "PassRecord", "run_passes"]
