@@ -82,6 +82,14 @@ def dynamo_explain(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return torch._dynamo.explain(fn)(*args, **kwargs)
 
 
+def is_dynamo_restart(error: BaseException) -> bool:
+    """Dynamo signals "trace this frame again" by raising through the backend; such an
+    exception is control flow, never a compile failure to fall back from."""
+    from torch._dynamo.exc import RestartAnalysis, SkipFrame
+
+    return isinstance(error, (RestartAnalysis, SkipFrame))
+
+
 def reset_dynamo() -> None:
     import torch._dynamo
 

@@ -20,7 +20,7 @@ from jitopt.errors import JitoptFallbackWarning
 from jitopt.passes import INFERENCE_ONLY, PIPELINE, run_passes
 from jitopt.passes.constants import meta_like
 from jitopt.passes.graph_facts import is_mutated
-from jitopt.report import AtenGraphReport, GraphReport, new_graph_report
+from jitopt.report import AtenGraphReport, GraphReport, discard_graph_report, new_graph_report
 from jitopt.runtime.compiled_graph import CompiledGraph, FrozenInput
 
 # How many sets of frozen weights one graph keeps compiled before it stops freezing (a graph
@@ -43,7 +43,6 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any],
                        for n in gm.graph.nodes),
         inputs=len(example_inputs),
         symbolic_inputs=sum(isinstance(x, torch.SymInt) for x in example_inputs))
-    counters["graphs"]["captured"] += 1
     weights = ({i: example_inputs[i] for i in capture.param_buffer_inputs(gm)}
                if config.freeze_weights else {})
 
@@ -55,14 +54,18 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any],
         return compile_aten
 
     try:
-        return capture.lower_to_aten(gm, example_inputs, inference=aten_compiler("inference"),
-                                     forward=aten_compiler("forward"),
-                                     backward=aten_compiler("backward"))
+        compiled = capture.lower_to_aten(gm, example_inputs, inference=aten_compiler("inference"),
+                                         forward=aten_compiler("forward"),
+                                         backward=aten_compiler("backward"))
     except Exception as e:
+        if capture.is_dynamo_restart(e):
+            discard_graph_report(report)
+            raise
         _fall_back(config, report.fallbacks, "capture to ATen", e)
-        return gm.forward
-    finally:
-        report.seconds = time.perf_counter() - start
+        compiled = gm.forward
+    report.seconds = time.perf_counter() - start
+    counters["graphs"]["captured"] += 1
+    return compiled
 
 
 def _compile_aten(aten_gm: fx.GraphModule, kind: str, config: Config, graph: GraphReport,
@@ -74,6 +77,8 @@ def _compile_aten(aten_gm: fx.GraphModule, kind: str, config: Config, graph: Gra
         variants = _FrozenVariants(aten_gm, kind, config, report)
         return variants.build(weights)
     except Exception as e:
+        if capture.is_dynamo_restart(e):
+            raise
         _fall_back(config, report.fallbacks, f"{kind} graph pipeline", e)
         return capture.boxed(aten_gm)
     finally:

@@ -55,3 +55,10 @@ def new_graph_report(**fields: Any) -> GraphReport:
     for recorder in _recorders:
         recorder.append(report)
     return report
+
+
+def discard_graph_report(report: GraphReport) -> None:
+    """Forget a report whose compile Dynamo restarted (it will be compiled again)."""
+    for recorder in _recorders:
+        if report in recorder:
+            recorder.remove(report)
