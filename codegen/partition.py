@@ -46,10 +46,10 @@ def partition_graph(gm: fx.GraphModule, targets: Sequence[str], *, on_error: str
                                                  allows_single_node_partition=True)
         before = {n for n, _ in gm.named_children()}
         partitioner.fuse_partitions(partitioner.propose_partitions())
-        for sub_name, sub in gm.named_children():
+        for sub_name, sub in list(gm.named_children()):
             if sub_name in before:
                 continue
-            new_name = f"{name}_{sub_name}"
+            new_name = "".join(c if c.isalnum() else "_" for c in f"{name}_{sub_name}")
             _rename_submodule(gm, sub_name, new_name)
             artifacts[new_name], record = _lower(target, new_name, sub, on_error)
             records.append(record)

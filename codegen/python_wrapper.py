@@ -67,7 +67,9 @@ class _Renderer:
         if node.op == "placeholder":
             return None
         if node.op == "get_attr":
-            self.names[node] = self._bind(f"c_{node.target}", getattr(self.gm, node.target))
+            # A constant is a global under its node's name (unique in the graph).
+            self.names[node] = node.name
+            self.bindings[node.name] = getattr(self.gm, node.target)
             return None
         if node.op == "output":
             return f"return {self._value(node.args[0])}"

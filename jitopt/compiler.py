@@ -137,7 +137,7 @@ def _freeze_inputs(gm: fx.GraphModule, weights: dict[int, torch.Tensor]) -> list
         if tensor.is_inference() or is_mutated(node) or not isinstance(
                 node.meta.get("val"), torch.Tensor) or tensor.shape != node.meta["val"].shape:
             continue  # version counters cannot guard it, or the graph writes into it
-        name = f"_frozen_{node.name}"
+        name = f"frozen_{node.name}"
         gm.register_buffer(name, tensor, persistent=False)
         with gm.graph.inserting_after(placeholders[-1]):
             const = gm.graph.get_attr(name)
@@ -170,6 +170,8 @@ def _lower(gm: fx.GraphModule, kind: str, config: Config, report: AtenGraphRepor
     report.wrapper_source = wrapper.source
     dump.write("wrapper.py", wrapper.source)
     counters["graphs"][f"compiled_{kind}"] += 1
+    log.debug("jitopt: compiled %s graph: %d ATen ops -> %d, %d weights frozen", kind,
+              report.ops_captured, report.ops_final, report.frozen_inputs)
     return wrapper
 
 

@@ -17,7 +17,7 @@ def constant_value(node: fx.Node) -> torch.Tensor:
 def add_constant(gm: fx.GraphModule, value: torch.Tensor, hint: str,
                  before: fx.Node) -> fx.Node:
     """Store `value` on `gm` under a fresh name and return a get_attr node placed before `before`."""
-    base = "_const_" + "".join(c if c.isalnum() else "_" for c in hint)
+    base = "folded_" + "".join(c if c.isalnum() else "_" for c in hint)
     name, k = base, 0
     while hasattr(gm, name):
         k += 1

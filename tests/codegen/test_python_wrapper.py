@@ -1,0 +1,79 @@
+import expecttest
+import torch
+import torch.nn as nn
+
+import jitopt
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x, scale: int):
+        y = torch.relu(self.bn(self.conv(x)))
+        return self.fc(y.mean((2, 3)) * scale), y.shape[0] + scale
+
+
+def _wrapper_source(fn, *args, **options) -> str:
+    with torch.no_grad():
+        report = jitopt.explain(fn, *args, **options)
+    (graph,) = report.graphs
+    (aten_graph,) = graph.aten
+    return aten_graph.wrapper_source
+
+
+class TestWrapperSource(expecttest.TestCase):
+    def test_conv_bn_linear_block(self):
+        torch.manual_seed(0)
+        source = _wrapper_source(Block().eval(), torch.randn(2, 3, 6, 6), 3)
+        self.assertExpectedInline(source, """\
+# jitopt inference graph: 5 ops, 0 compiled partitions
+convolution_default = aten_op("aten::convolution.default")
+relu_default = aten_op("aten::relu.default")
+mean_dim = aten_op("aten::mean.dim")
+mul_Tensor = aten_op("aten::mul.Tensor")
+addmm_default = aten_op("aten::addmm.default")
+
+
+def run(args):
+    arg0_1, arg1_1, arg2_1, arg3_1, arg4_1, arg5_1, arg6_1, arg7_1 = args
+    args.clear()
+    del arg0_1, arg2_1, arg3_1, arg4_1, arg5_1, arg6_1, arg7_1
+    convolution = convolution_default(arg1_1, folded_convolution_weight, folded_convolution_bias, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+    del arg1_1
+    relu = relu_default(convolution)
+    del convolution
+    mean = mean_dim(relu, [2, 3])
+    del relu
+    mul = mul_Tensor(mean, 3)
+    del mean
+    addmm = addmm_default(frozen_arg7_1, mul, folded_t)
+    del mul
+    return (addmm,)
+""")
+
+    def test_symbolic_sizes_are_arguments(self):
+        def fn(x):
+            return torch.sigmoid(x) * x, x.shape[0] * 2
+
+        x = torch.randn(4, 3)
+        torch._dynamo.mark_dynamic(x, 0)
+        self.assertExpectedInline(_wrapper_source(fn, x), """\
+# jitopt inference graph: 3 ops, 0 compiled partitions
+sigmoid_default = aten_op("aten::sigmoid.default")
+mul_Tensor = aten_op("aten::mul.Tensor")
+
+
+def run(args):
+    arg0_1, arg1_1 = args
+    args.clear()
+    sigmoid = sigmoid_default(arg1_1)
+    mul_2 = mul_Tensor(sigmoid, arg1_1)
+    del arg1_1, sigmoid
+    mul_5 = arg0_1 * 2
+    del arg0_1
+    return (mul_2, mul_5)
+""")
