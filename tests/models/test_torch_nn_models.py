@@ -137,6 +137,35 @@ def test_cnn_for_inference_from_training_mode():
     assert jitopt.counters["passes"]["fold_conv_bn"] >= 1
 
 
+def test_cnn_for_inference_sees_weight_updates():
+    """Weights frozen into the compiled CNN are guarded: an in-place update of the original's
+    conv weight or BN statistics (an optimizer step, load_state_dict) gives eager's new answer,
+    never the stale folded one."""
+    model = make_cnn()
+    served = jitopt.for_inference(model)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+    assert_same(served(x), expected)
+
+    with torch.no_grad():
+        model.features[0].weight.mul_(1.5)
+        model.features[4].running_var.mul_(3.0)
+        expected_after = model(x)
+    assert not torch.allclose(expected_after, expected)
+    assert_same(served(x), expected_after)
+
+    state = {k: v.clone() for k, v in make_cnn().state_dict().items()}
+    for v in state.values():
+        if v.is_floating_point():
+            v.add_(0.1)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        expected_loaded = model(x)
+    assert_same(served(x), expected_loaded)
+    assert sum(jitopt.counters["fallbacks"].values()) == 0
+
+
 # --------------------------------------------------------------------------------------------
 # @jitopt.optimize
 
@@ -221,6 +250,7 @@ def test_transformer_encoder():
     assert_compiled_something()
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 @pytest.mark.parametrize("fastpath", [True, False], ids=["eager_fastpath", "eager_slowpath"])
 def test_transformer_encoder_padding_mask(fastpath):
     """In eval under no_grad, eager PyTorch takes its fused "fast path" and, with a padding
