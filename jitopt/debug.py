@@ -11,7 +11,7 @@ from pathlib import Path
 log = logging.getLogger("jitopt")
 
 # counters["passes"]["fold_conv_bn"] == 2 proves a rewrite fired; tests assert them.
-# Groups: "passes" (rewrites per pass), "graphs" (compiled, recompiled_weights),
+# Groups: "passes" (rewrites per pass), "graphs" (captured, compiled_*, recompiled_for_weights),
 # "fallbacks" (graphs or partitions that ran on ATen after an error), "targets".
 counters: collections.defaultdict[str, collections.Counter[str]] = collections.defaultdict(
     collections.Counter)
