@@ -11,9 +11,17 @@ without pulling in the compiler.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 __version__ = "0.1.0"
+
+# In a source checkout passes/, codegen/ and runtime/ sit beside jitopt/ (an install maps them
+# to jitopt.passes etc.). When this jitopt/ is imported straight from a checkout (the repository
+# root on sys.path), find them beside it, so the subpackages never come from another copy.
+_checkout = Path(__file__).resolve().parent.parent
+if all((_checkout / name / "__init__.py").is_file() for name in ("passes", "codegen", "runtime")):
+    __path__.append(str(_checkout))
 
 _PUBLIC = {
     "backend": "jitopt.compiler",
