@@ -59,7 +59,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
     lines += _speedup_matrix(summary)
     for result in summary["results"]:
         lines += ["", f"### {result['model']}", "",
-                  "| backend | median (p10-p90) | vs eager | first call s | warm first call s "
+                  "| backend | median (p10-p90) | vs eager | compile + first call s | warm, s "
                   "| peak MB | graphs / breaks / recompiles | accuracy vs eager | of fp32 peak |",
                   "|---|---|---|---|---|---|---|---|---|"]
         lines += [_row(result, row, peaks["fp32_gflops"]) for row in result["rows"]]
@@ -100,7 +100,7 @@ def write_plot(summary: dict[str, Any], path: Path) -> None:
                       [r["model"] for r in results])
     ax1.axhline(1.0, color="black", linewidth=0.8)
     ax1.set_ylabel("speedup over eager")
-    ax2.set_ylabel("first call (compile) s")
+    ax2.set_ylabel("compile + first call, s")
     ax2.set_yscale("log")
     ax1.legend(fontsize=7, ncol=3)
     ax1.set_title(summary["machine"], fontsize=8)

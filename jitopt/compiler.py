@@ -134,9 +134,8 @@ def _freeze_inputs(gm: fx.GraphModule, weights: dict[int, torch.Tensor]) -> list
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i, tensor in sorted(weights.items()):
         node = placeholders[i]
-        if tensor.is_inference() or is_mutated(node) or not isinstance(
-                node.meta.get("val"), torch.Tensor) or tensor.shape != node.meta["val"].shape:
-            continue  # version counters cannot guard it, or the graph writes into it
+        if not _freezable(tensor, node):
+            continue
         name = f"frozen_{node.name}"
         gm.register_buffer(name, tensor, persistent=False)
         with gm.graph.inserting_after(placeholders[-1]):
@@ -146,6 +145,16 @@ def _freeze_inputs(gm: fx.GraphModule, weights: dict[int, torch.Tensor]) -> list
         frozen.append(FrozenInput(i, tensor))
     gm.recompile()
     return frozen
+
+
+def _freezable(tensor: torch.Tensor, node: fx.Node) -> bool:
+    """Can `tensor` become a constant for placeholder `node`? Not when version counters cannot
+    guard it (inference tensors, subclasses with no plain storage), when the graph writes into
+    it, or when it does not look like what was traced."""
+    val = node.meta.get("val")
+    return (type(tensor) in (torch.Tensor, torch.nn.Parameter) and not tensor.is_inference()
+            and not is_mutated(node) and isinstance(val, torch.Tensor)
+            and tensor.shape == val.shape and tensor.dtype == val.dtype)
 
 
 def _lower(gm: fx.GraphModule, kind: str, config: Config, report: AtenGraphReport,

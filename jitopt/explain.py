@@ -64,7 +64,9 @@ def explain(fn: Any, *example_inputs: Any, **options: Any) -> ExplainReport:
     """Compile `fn` (a function or module) for these inputs and report what happened: graphs,
     graph breaks and their reasons, ops per graph, each pass's changes and time, partitions
     and their targets, fallbacks and why, and the total compile time. Runs `fn` twice: once
-    under Dynamo's own explain (for break reasons), once compiled."""
+    under Dynamo's own explain (for break reasons), once compiled. Like
+    `torch._dynamo.explain`, it resets Dynamo's caches: functions compiled earlier in this
+    process recompile on their next call."""
     config = resolve(options)
     dynamo = capture.dynamo_explain(fn, *example_inputs)
     breaks = [_break_line(r) for r in dynamo.break_reasons]
