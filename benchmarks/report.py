@@ -90,11 +90,14 @@ def write_plot(summary: dict[str, Any], path: Path) -> None:
     backends = [r["backend"] for r in results[0]["rows"]] if results else []
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(results) + 4), 8))
     width = 0.8 / max(len(backends), 1)
+    colors = plt.cm.tab20.colors  # 20 distinct colours: one per column, none repeated
     for i, name in enumerate(backends):
         xs = [m + i * width for m in range(len(results))]
         rows = [next(r for r in res["rows"] if r["backend"] == name) for res in results]
-        ax1.bar(xs, [speedup(res, r) or 0 for res, r in zip(results, rows)], width, label=name)
-        ax2.bar(xs, [r.get("first_call_s") or 0 for r in rows], width, label=name)
+        color = colors[i % len(colors)]
+        ax1.bar(xs, [speedup(res, r) or 0 for res, r in zip(results, rows)], width, label=name,
+                color=color)
+        ax2.bar(xs, [r.get("first_call_s") or 0 for r in rows], width, label=name, color=color)
     for ax in (ax1, ax2):
         ax.set_xticks([m + 0.4 - width / 2 for m in range(len(results))],
                       [r["model"] for r in results])
