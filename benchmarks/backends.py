@@ -79,7 +79,10 @@ def inductor_freezing() -> Backend:
     def verify() -> str | None:
         return None if freeze.calls else "Inductor's freeze() never ran: not a freezing column"
 
-    return Backend("inductor-freezing", torch_compile(), context, verify)
+    # The options only make this torch.compile wrapper differ from plain Inductor's, so Dynamo
+    # compiles anew instead of reusing the unfrozen graph cached for the "inductor" column.
+    return Backend("inductor-freezing", torch_compile(options={"freezing": True}), context,
+                   verify)
 
 
 def quantize_dynamic(model, inputs, threads, kind):

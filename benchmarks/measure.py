@@ -31,7 +31,11 @@ def time_calls(fn: Callable[[], Any], *, warmup: int, iterations: int,
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    times.sort()
+    return summarize(times)
+
+
+def summarize(times: list[float]) -> Timing:
+    times = sorted(times)
     pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
     return Timing(statistics.median(times), pick(0.1), pick(0.9), len(times))
 

@@ -6,6 +6,7 @@ or compile caches); prints `@@ <backend>` as each backend starts, for the progre
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import time
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from benchmarks.backends import Backend, Unavailable, all_backends
-from benchmarks.measure import PeakMemory, flops_of, time_calls
+from benchmarks.measure import PeakMemory, flops_of, summarize
 from benchmarks.models import MODELS, BenchModel
 
 
@@ -27,14 +28,6 @@ def dynamo_counts() -> dict[str, int]:
     return {"graphs": counters["stats"]["unique_graphs"],
             "graph_breaks": sum(counters["graph_break"].values()),
             "frames": counters["frames"]["total"]}
-
-
-def reset_compilers() -> None:
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
-    gc.collect()
 
 
 def make_call(bench: BenchModel, fn: Callable[..., Any]) -> Callable[[], Any]:
@@ -49,10 +42,22 @@ def make_call(bench: BenchModel, fn: Callable[..., Any]) -> Callable[[], Any]:
     return generate
 
 
-def measure(bench: BenchModel, backend: Backend, args: argparse.Namespace,
-            reference: Any) -> dict[str, Any]:
+@dataclasses.dataclass
+class Prepared:
+    """A backend compiled and checked, ready for the timing rounds."""
+
+    row: dict[str, Any]
+    call: Callable[[], Any] | None = None
+    forward: Callable[..., Any] | None = None  # generation: what model.forward becomes
+
+
+def prepare(bench: BenchModel, backend: Backend, args: argparse.Namespace,
+            reference: Any) -> Prepared:
+    """Compile `backend`, time its cold start, check its answer, warm it up; a failure becomes
+    the row's status, never an exception."""
     row: dict[str, Any] = {"backend": backend.name, "status": "ok"}
-    reset_compilers()
+    gc.collect()
+    before = dynamo_counts()
     try:
         with PeakMemory() as memory:
             # Cold compile: preparing (export, convert, quantize) plus the first call, where
@@ -60,32 +65,60 @@ def measure(bench: BenchModel, backend: Backend, args: argparse.Namespace,
             start = time.perf_counter()
             with backend.compile_context():
                 fn = backend.prepare(bench.module, bench.inputs, args.threads, bench.kind)
-                if bench.kind == "generate":
-                    bench.module.forward = fn  # generate() calls self.forward each step
+                use_forward(bench, fn)
                 call = make_call(bench, fn)
                 out = call()
             row["first_call_s"] = time.perf_counter() - start
             if error := backend.verify():
                 raise RuntimeError(error)
-            if not args.first_call_only:
-                after_first = dynamo_counts()
-                timing = time_calls(call, warmup=args.warmup, iterations=args.iterations,
-                                    max_seconds=args.max_seconds)
-                row.update(vars(timing))
-                counts = dynamo_counts()
-                row.update(graphs=counts["graphs"], graph_breaks=counts["graph_breaks"],
-                           recompiles=counts["frames"] - after_first["frames"])
-                row.update(accuracy(bench, out, reference))
+            for _ in range(0 if args.first_call_only else args.warmup):
+                call()
         row["peak_mb"] = memory.peak_mb
+        after = dynamo_counts()
+        row.update(graphs=after["graphs"] - before["graphs"], recompiles=0,
+                   graph_breaks=after["graph_breaks"] - before["graph_breaks"])
+        row.update(accuracy(bench, out, reference))
+        return Prepared(row, call, fn)
     except Unavailable as e:
         row.update(status="unavailable", error=str(e))
     except Exception as e:  # a failing backend is a cell in the table, not a crashed suite
         row.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
         row["traceback"] = traceback.format_exc(limit=-6)
     finally:
-        if bench.kind == "generate" and "forward" in vars(bench.module):
-            del bench.module.forward
-    return row
+        use_forward(bench, None)
+    return Prepared(row)
+
+
+def use_forward(bench: BenchModel, fn: Callable[..., Any] | None) -> None:
+    """Generation calls self.forward each step: point it at this backend's (None: the model's)."""
+    if bench.kind != "generate":
+        return
+    if fn is None:
+        vars(bench.module).pop("forward", None)
+    else:
+        bench.module.forward = fn
+
+
+def time_interleaved(bench: BenchModel, ready: list[Prepared], args: argparse.Namespace) -> None:
+    """Time every ready backend in rounds, one call each per round, so the machine's drift
+    (large here) lands on all columns alike instead of on whichever ran last."""
+    from torch._dynamo.utils import counters
+
+    times: dict[str, list[float]] = {p.row["backend"]: [] for p in ready}
+    deadline = time.perf_counter() + args.max_seconds * max(len(ready), 1)
+    rounds = 0
+    while rounds < args.iterations and (rounds < 3 or time.perf_counter() < deadline):
+        for p in ready:
+            use_forward(bench, p.forward)
+            frames = counters["frames"]["total"]
+            start = time.perf_counter()
+            p.call()
+            times[p.row["backend"]].append(time.perf_counter() - start)
+            p.row["recompiles"] += counters["frames"]["total"] - frames
+        rounds += 1
+    use_forward(bench, None)
+    for p in ready:
+        p.row.update(vars(summarize(times[p.row["backend"]])))
 
 
 def accuracy(bench: BenchModel, out: Any, reference: Any) -> dict[str, Any]:
@@ -110,6 +143,11 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    # Every compiled backend stays alive for the interleaved rounds, so one code object holds
+    # several backends' graphs (generation: a few each); Dynamo's default limit of 8 would
+    # silently send the later ones to eager.
+    torch._dynamo.config.recompile_limit = 256
+    torch._dynamo.config.accumulated_recompile_limit = 4096
     torch.manual_seed(0)
     bench = MODELS[args.model](args.quick)
     bench.module.eval()
@@ -120,9 +158,13 @@ def main() -> None:
         reference = None if args.first_call_only else make_call(bench, bench.module)()
         if bench.kind == "forward" and not args.first_call_only:
             result["flops"] = flops_of(lambda: bench.module(*bench.inputs))
+        prepared = []
         for name in args.backend:
             print(f"@@ {name}", flush=True)
-            result["rows"].append(measure(bench, backends[name], args, reference))
+            prepared.append(prepare(bench, backends[name], args, reference))
+        if not args.first_call_only:
+            time_interleaved(bench, [p for p in prepared if p.call is not None], args)
+        result["rows"] = [p.row for p in prepared]
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 

@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO))  # benchmarks/ is run from the checkout, never ins
 
 from benchmarks.backends import Backend, all_backends, inductor_freezing  # noqa: E402
 from benchmarks.models import MODELS  # noqa: E402
-from benchmarks.worker import measure  # noqa: E402
+from benchmarks.worker import prepare  # noqa: E402
 
 
 def test_one_command_writes_table_json_and_plot(tmp_path):
@@ -46,8 +46,9 @@ def test_a_failing_backend_is_a_cell_not_a_crash():
     bench = MODELS["mlp"](True)
     args = argparse.Namespace(threads=1, iterations=2, warmup=0, max_seconds=1,
                               first_call_only=False)
-    row = measure(bench, Backend("broken", broken), args, reference=None)
-    assert row["status"] == "error" and "this backend is broken" in row["error"]
+    prepared = prepare(bench, Backend("broken", broken), args, reference=None)
+    assert prepared.call is None
+    assert prepared.row["status"] == "error" and "this backend is broken" in prepared.row["error"]
 
 
 def test_every_jitopt_mode_is_a_column():
