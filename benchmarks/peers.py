@@ -103,6 +103,9 @@ def _ort_session(ort: ModuleType, path: str, threads: int) -> Any:
     options.inter_op_num_threads = 1  # one graph, run sequentially: no inter-op pool
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT's idle threads spin after each run by default, stealing the cores from whatever the
+    # harness times next (it interleaves backends); make them sleep instead.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     # An unknown or unusable provider makes ORT fall back silently; make sure it did not.
     if session.get_providers() != ["CPUExecutionProvider"]:
