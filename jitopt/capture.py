@@ -88,9 +88,3 @@ def is_dynamo_restart(error: BaseException) -> bool:
     from torch._dynamo.exc import RestartAnalysis, SkipFrame
 
     return isinstance(error, (RestartAnalysis, SkipFrame))
-
-
-def reset_dynamo() -> None:
-    import torch._dynamo
-
-    torch._dynamo.reset()
