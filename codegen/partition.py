@@ -9,8 +9,9 @@ from collections.abc import Sequence
 import torch.fx as fx
 from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
 from torch.fx.passes.operator_support import OperatorSupportBase
+from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
-from jitopt.codegen.targets import TARGETS, Target
+from jitopt.codegen.targets import TARGETS, Declined, Target
 from jitopt.errors import JitoptFallbackWarning
 
 
@@ -19,7 +20,8 @@ class PartitionRecord:
     name: str
     target: str
     ops: int
-    fallback_reason: str | None = None
+    fallback_reason: str | None = None  # the target failed (a bug or a missing compiler)
+    declined_reason: str | None = None  # the target cannot express it (expected, quiet)
 
 
 class _Supports(OperatorSupportBase):
@@ -42,34 +44,93 @@ def partition_graph(gm: fx.GraphModule, targets: Sequence[str], *, on_error: str
         if name == "aten":
             continue
         target = TARGETS[name]
-        partitioner = CapabilityBasedPartitioner(gm, _Supports(target),
-                                                 allows_single_node_partition=True)
         before = {n for n, _ in gm.named_children()}
-        partitioner.fuse_partitions(partitioner.propose_partitions())
+        _carve(gm, target)
+        subs = {}
         for sub_name, sub in list(gm.named_children()):
             if sub_name in before:
                 continue
             new_name = "".join(c if c.isalnum() else "_" for c in f"{name}_{sub_name}")
             _rename_submodule(gm, sub_name, new_name)
-            artifacts[new_name], record = _lower(target, new_name, sub, on_error)
+            subs[new_name] = sub
+        lowered = _lower_all(target, subs, on_error)
+        for new_name, (artifact, record) in lowered.items():
             records.append(record)
+            if record.target == target.name:
+                artifacts[new_name] = artifact
+            else:  # run its ATen ops inline: no per-call cost for a submodule
+                _inline(gm, new_name)
+        gm.recompile()
     aten_ops = sum(1 for n in gm.graph.nodes if n.op == "call_function")
     records.append(PartitionRecord("inline", "aten", aten_ops))
     return artifacts, records
 
 
-def _lower(target: Target, name: str, sub: fx.GraphModule, on_error: str):
-    ops = sum(1 for n in sub.graph.nodes if n.op == "call_function")
-    try:
-        return target.lower(sub), PartitionRecord(name, target.name, ops)
-    except Exception as e:
+def _carve(gm: fx.GraphModule, target: Target) -> None:
+    """Replace each partition the target takes by a call_module of a submodule. A target that
+    proposes its own groups (fusion groups) gets exactly those; others get the maximal
+    cycle-free sets of supported nodes."""
+    if hasattr(target, "propose"):
+        groups = [dict.fromkeys(g) for g in target.propose(gm) if g]
+        if groups:
+            fuse_by_partitions(gm, groups, prefix="fused_")
+        return
+    partitioner = CapabilityBasedPartitioner(gm, _Supports(target),
+                                             allows_single_node_partition=True)
+    partitioner.fuse_partitions(partitioner.propose_partitions())
+
+
+def _lower_all(target: Target, subs: dict[str, fx.GraphModule], on_error: str
+               ) -> dict[str, tuple[object, PartitionRecord]]:
+    """Lower the partitions (together when the target can: one compiler run for a graph);
+    each one that fails runs its ATen ops instead."""
+    if hasattr(target, "lower_all"):
+        try:
+            results = target.lower_all(subs)
+        except Exception as e:
+            results = dict.fromkeys(subs, e)
+    else:
+        results = {}
+        for name, sub in subs.items():
+            try:
+                results[name] = target.lower(sub)
+            except Exception as e:
+                results[name] = e
+    lowered = {}
+    for name, sub in subs.items():
+        ops = sum(1 for n in sub.graph.nodes if n.op == "call_function")
+        result = results[name]
+        if not isinstance(result, Exception):
+            lowered[name] = result, PartitionRecord(name, target.name, ops)
+            continue
+        reason = f"{type(result).__name__}: {result}"
+        if isinstance(result, Declined):
+            lowered[name] = sub, PartitionRecord(name, "aten", ops, declined_reason=reason)
+            continue
         if on_error == "raise":
-            raise
-        reason = f"{type(e).__name__}: {e}"
+            raise result
         warnings.warn(f"jitopt: target {target.name!r} failed to compile partition {name} "
                       f"({ops} ops), running it on ATen instead: {reason}",
-                      JitoptFallbackWarning, stacklevel=2)
-        return sub, PartitionRecord(name, "aten", ops, fallback_reason=reason)
+                      JitoptFallbackWarning, stacklevel=3)
+        lowered[name] = sub, PartitionRecord(name, "aten", ops, fallback_reason=reason)
+    return lowered
+
+
+def _inline(gm: fx.GraphModule, name: str) -> None:
+    """Put a carved partition's nodes back in place of its call_module."""
+    call = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == name)
+    sub = gm.get_submodule(name)
+    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    with gm.graph.inserting_before(call):
+        out = gm.graph.graph_copy(sub.graph, dict(zip(placeholders, call.args)))
+    if isinstance(out, (tuple, list)):
+        for user in list(call.users):  # fuse_by_partitions reads multiple outputs by getitem
+            user.replace_all_uses_with(out[user.args[1]])
+            gm.graph.erase_node(user)
+    else:
+        call.replace_all_uses_with(out)
+    gm.graph.erase_node(call)
+    delattr(gm, name)
 
 
 def _rename_submodule(gm: fx.GraphModule, old: str, new: str) -> None:

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from jitopt.codegen.memory_plan import plan_output_reuse
+
 _INFIX = {operator.add: "+", operator.sub: "-", operator.mul: "*", operator.truediv: "/",
           operator.floordiv: "//", operator.mod: "%", operator.pow: "**", operator.eq: "==",
           operator.ne: "!=", operator.lt: "<", operator.le: "<=", operator.gt: ">",
@@ -38,6 +40,9 @@ class _Renderer:
         self.header: dict[str, str] = {}  # global name -> the line that defines it
         self.names: dict[fx.Node, str] = {}
         self.taken = {n.name for n in gm.graph.nodes} | {"args", "torch"}
+        self.reuse = plan_output_reuse(gm, artifacts)
+        donors = {d for outs in self.reuse.values() for d in outs.values()}
+        self.donors = donors
 
     def render(self, title: str) -> WrapperSource:
         nodes = list(self.gm.graph.nodes)
@@ -53,8 +58,11 @@ class _Renderer:
             line = self._line(node)
             if line:
                 body.append("    " + line)
+            # A donor stays alive until the kernel that writes into its buffer has run.
             dead = [self.names[a] for a in node.all_input_nodes
-                    if last_use[a] == i and a.op != "get_attr" and node.op != "output"]
+                    if last_use[a] == i and a.op != "get_attr" and node.op != "output"
+                    and a not in self.donors]
+            dead += [self.names[d] for d in self.reuse.get(node, {}).values()]
             dead += [n.name for n in placeholders if n not in last_use and i == 0]
             if dead:
                 body.append(f"    del {', '.join(sorted(set(dead)))}")
@@ -83,7 +91,10 @@ class _Renderer:
         args += [f"{k}={self._value(v)}" for k, v in node.kwargs.items()]
         target = node.target
         if node.op == "call_module":
-            fn = self._bind(node.target, self.artifacts[node.target])
+            artifact = self.artifacts[node.target]
+            # Call the launcher itself: one Python frame less per kernel call.
+            fn = self._bind(node.target, getattr(artifact, "launcher", artifact))
+            args += [f"out{k}={self.names[d]}" for k, d in sorted(self.reuse.get(node, {}).items())]
             return f"{fn}({', '.join(args)})"
         if target is operator.getitem:
             return f"{args[0]}[{args[1]}]"

@@ -8,6 +8,11 @@ from typing import Any, Protocol
 import torch.fx as fx
 
 
+class Declined(Exception):
+    """A target cannot express a partition it was offered (an op or layout it does not lower).
+    Not an error: the partition runs on ATen, without a warning."""
+
+
 class Target(Protocol):
     name: str
 
@@ -48,3 +53,12 @@ def unregister_target(name: str) -> None:
 
 
 register_target(AtenTarget())
+
+
+def _register_builtin_targets() -> None:
+    from jitopt.codegen.cpp_target import CppTarget
+
+    register_target(CppTarget())
+
+
+_register_builtin_targets()

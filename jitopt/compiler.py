@@ -174,7 +174,10 @@ def _lower(gm: fx.GraphModule, kind: str, config: Config, report: AtenGraphRepor
     report.fallbacks += [f"partition {p.name}: {p.fallback_reason}" for p in partitions
                          if p.fallback_reason]
     counters["fallbacks"]["partition"] += sum(bool(p.fallback_reason) for p in partitions)
+    counters["targets"]["declined_partitions"] += sum(bool(p.declined_reason)
+                                                      for p in partitions)
     report.ops_final = _count_ops(gm)
+    _record_kernels(artifacts, report, dump)
     wrapper = render_wrapper(gm, artifacts, title=f"jitopt {kind} graph")
     report.wrapper_source = wrapper.source
     dump.write("wrapper.py", wrapper.source)
@@ -182,6 +185,22 @@ def _lower(gm: fx.GraphModule, kind: str, config: Config, report: AtenGraphRepor
     log.debug("jitopt: compiled %s graph: %d ATen ops -> %d, %d weights frozen", kind,
               report.ops_captured, report.ops_final, report.frozen_inputs)
     return wrapper
+
+
+def _record_kernels(artifacts: dict[str, Any], report: AtenGraphReport, dump: DumpDir) -> None:
+    """Generated source goes in the report (report.kernel_sources) and the debug dump."""
+    sources: dict[str, None] = {}
+    for name, artifact in artifacts.items():
+        library = getattr(artifact, "library_source", None)
+        if library is None:
+            continue
+        sources[library] = None
+        dump.write(f"launcher_{name}.py", artifact.launcher_source)
+        counters["targets"][f"{artifact.target}_partitions"] += 1
+        suffix = artifact.source_suffix
+    for k, source in enumerate(sources):
+        dump.write(f"kernels_{k}.{suffix}", source)
+    report.kernel_sources = list(sources)
 
 
 def _count_ops(gm: fx.GraphModule) -> int:

@@ -28,9 +28,10 @@ class Config:
     disabled_passes: tuple[str, ...] = ()
     """Names of pipeline passes to skip (see `jitopt.passes.PIPELINE`)."""
 
-    targets: tuple[str, ...] = ("aten",)
-    """Lowering targets to try, in order of preference. ATen always runs what no other target
-    takes, so it is implied."""
+    targets: tuple[str, ...] = ("cpp", "aten")
+    """Lowering targets to try, in order of preference: "cpp" (generated C++ kernels for the
+    fusion groups on CPU), "aten". ATen always runs what no other target takes, so it is
+    implied; ("aten",) turns code generation off."""
 
     autotune: bool = False
     """Spend extra compile time measuring alternative lowerings and keep the fastest. Targets

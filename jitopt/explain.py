@@ -54,7 +54,8 @@ def _graph_lines(g: GraphReport) -> list[str]:
             lines.append(f"    pass {p['name']:<34} changed {p['changed']:>4}   "
                          f"{p['seconds'] * 1e3:7.2f} ms")
         for p in a.partitions:
-            why = f" (fell back: {p['fallback_reason']})" if p["fallback_reason"] else ""
+            why = (f" (fell back: {p['fallback_reason']})" if p["fallback_reason"] else
+                   f" (declined: {p['declined_reason']})" if p.get("declined_reason") else "")
             lines.append(f"    partition {p['name']}: {p['ops']} ops on {p['target']}{why}")
         lines += [f"    fallback: {f}" for f in a.fallbacks]
     return lines

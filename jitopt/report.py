@@ -21,6 +21,7 @@ class AtenGraphReport:
     fallbacks: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     wrapper_source: str = ""
+    kernel_sources: list[str] = dataclasses.field(default_factory=list)  # generated libraries
 
 
 @dataclasses.dataclass

@@ -5,6 +5,7 @@ from jitopt.passes.eliminate_dead_code import eliminate_dead_code
 from jitopt.passes.fold_constants import fold_constants
 from jitopt.passes.fold_conv_bn import fold_conv_bn
 from jitopt.passes.fold_linear_bn import fold_linear_bn
+from jitopt.passes.group_fusions import group_fusions
 from jitopt.passes.infra import PassRecord, run_passes
 from jitopt.passes.remove_noops import remove_noops
 
@@ -21,6 +22,9 @@ PIPELINE = [
     eliminate_common_subexpressions,
     # Last: sweeps what the rewrites left unused, and frees the constants they replaced.
     eliminate_dead_code,
+    # After every rewrite: only tags which nodes share a generated kernel (the partitioner
+    # reads the tags), so it sees the final graph.
+    group_fusions,
 ]
 
 # Passes that are only correct without autograd (a training graph keeps detach and clone

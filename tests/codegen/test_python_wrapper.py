@@ -30,11 +30,9 @@ class TestWrapperSource(expecttest.TestCase):
         torch.manual_seed(0)
         source = _wrapper_source(Block().eval(), torch.randn(2, 3, 6, 6), 3)
         self.assertExpectedInline(source, """\
-# jitopt inference graph: 5 ops, 0 compiled partitions
+# jitopt inference graph: 3 ops, 2 compiled partitions
 convolution_default = aten_op("aten::convolution.default")
-relu_default = aten_op("aten::relu.default")
 mean_dim = aten_op("aten::mean.dim")
-mul_Tensor = aten_op("aten::mul.Tensor")
 addmm_default = aten_op("aten::addmm.default")
 
 
@@ -44,14 +42,14 @@ def run(args):
     del arg0_1, arg2_1, arg3_1, arg4_1, arg5_1, arg6_1, arg7_1
     convolution = convolution_default(arg1_1, folded_convolution_weight, folded_convolution_bias, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
     del arg1_1
-    relu = relu_default(convolution)
+    fused_0 = cpp_fused_0(convolution)
     del convolution
-    mean = mean_dim(relu, [2, 3])
-    del relu
-    mul = mul_Tensor(mean, 3)
+    mean = mean_dim(fused_0, [2, 3])
+    del fused_0
+    fused_1 = cpp_fused_1(mean)
     del mean
-    addmm = addmm_default(frozen_arg7_1, mul, folded_t)
-    del mul
+    addmm = addmm_default(frozen_arg7_1, fused_1, folded_t)
+    del fused_1
     return (addmm,)
 """)
 
@@ -62,18 +60,15 @@ def run(args):
         x = torch.randn(4, 3)
         torch._dynamo.mark_dynamic(x, 0)
         self.assertExpectedInline(_wrapper_source(fn, x), """\
-# jitopt inference graph: 3 ops, 0 compiled partitions
-sigmoid_default = aten_op("aten::sigmoid.default")
-mul_Tensor = aten_op("aten::mul.Tensor")
+# jitopt inference graph: 1 ops, 1 compiled partitions
 
 
 def run(args):
     arg0_1, arg1_1 = args
     args.clear()
-    sigmoid = sigmoid_default(arg1_1)
-    mul_2 = mul_Tensor(sigmoid, arg1_1)
-    del arg1_1, sigmoid
+    fused_0 = cpp_fused_0(arg1_1)
+    del arg1_1
     mul_5 = arg0_1 * 2
     del arg0_1
-    return (mul_2, mul_5)
+    return (fused_0, mul_5)
 """)
