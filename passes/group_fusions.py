@@ -37,7 +37,7 @@ def group_fusions(gm: fx.GraphModule) -> int:
     order = {n: i for i, n in enumerate(nodes)}
     groups = _Groups(order)
     for node in nodes:
-        if _fusible(node):
+        if _fusible(node, gm):
             groups.add(node, _space(node))
     groups.merge_horizontally(nodes)
     groups.drop_views_leaving()
@@ -49,7 +49,7 @@ def group_fusions(gm: fx.GraphModule) -> int:
     return count
 
 
-def _fusible(node: fx.Node) -> bool:
+def _fusible(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op != "call_function":
         return False
     if node.target is operator.getitem:
@@ -62,11 +62,19 @@ def _fusible(node: fx.Node) -> bool:
                            for v in vals):
         return False
     devices = {v.device.type for v in vals}
-    devices |= {a.meta["val"].device.type for a in node.all_input_nodes
-                if isinstance(a.meta.get("val"), torch.Tensor)}
-    if len(devices) != 1:
+    devices |= {_device(a, gm) for a in node.all_input_nodes}
+    if len(devices - {None}) != 1:
         return False
     return node.target not in REDUCTIONS or row_reduction(node) is not None
+
+
+def _device(node: fx.Node, gm: fx.GraphModule) -> str | None:
+    """Where `node`'s tensor lives. Constants carry meta-device stand-ins: ask the module."""
+    if node.op == "get_attr":
+        value = getattr(gm, node.target, None)
+        return value.device.type if isinstance(value, torch.Tensor) else None
+    val = node.meta.get("val")
+    return val.device.type if isinstance(val, torch.Tensor) else None
 
 
 def _sizes(shape) -> tuple:
