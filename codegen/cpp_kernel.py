@@ -84,7 +84,17 @@ template <typename T> static inline T jo_floordiv(T a, T b) {
   if constexpr (std::is_integral_v<T>) {
     if (b == 0) return 0;
     T q = a / b; return (q * b != a && ((a < 0) != (b < 0))) ? q - 1 : q;
-  } else { return std::floor(a / b); }
+  } else {
+    // c10::div_floor_floating, as eager: floor(a / b) would round the quotient first
+    // (1 // 0.1 is 9, not 10), and -1 // inf is -1, inf // 2 is nan.
+    if (b == 0) return a / b;
+    const T mod = std::fmod(a, b);
+    T div = (a - mod) / b;
+    if (mod != 0 && ((b < 0) != (mod < 0))) div -= T(1);
+    if (div == 0) return std::copysign(T(0), a / b);
+    const T fl = std::floor(div);
+    return (div - fl > T(0.5)) ? fl + T(1) : fl;
+  }
 }
 template <typename T> static inline T jo_remainder(T a, T b) {
   if constexpr (std::is_integral_v<T>) {
@@ -105,6 +115,12 @@ template <typename T> static inline T jo_ipow(T base, T exp) {
   return result;
 }
 template <typename T> static inline T jo_sign(T x) { return T((x > 0) - (x < 0)); }
+// The sign bit itself: GCC 12 crashes (ICE in extract_insn) vectorizing std::signbit of a
+// float built from bfloat16 bits.
+template <typename T> static inline bool jo_signbit(T x) {
+  if constexpr (sizeof(T) == 4) { int32_t b; __builtin_memcpy(&b, &x, 4); return b < 0; }
+  else { int64_t b; __builtin_memcpy(&b, &x, 8); return b < 0; }
+}
 // Arg-reduction step: does (v, i) replace the current best? NaN wins, ties keep the first.
 template <typename T> static inline bool jo_argmax_take(T best, T v) {
   return (v > best) || (v != v && best == best);
@@ -191,7 +207,7 @@ def _predicate(op: str, a: str, dtype: torch.dtype) -> str:
         return {"isnan": "false", "isinf": "false", "isfinite": "true",
                 "signbit": f"({a} < 0)" if dtype != torch.bool else "false"}[op]
     return {"isnan": f"({a} != {a})", "isinf": f"(std::abs({a}) == INFINITY)",
-            "isfinite": f"(std::abs({a}) < INFINITY)", "signbit": f"std::signbit({a})"}[op]
+            "isfinite": f"(std::abs({a}) < INFINITY)", "signbit": f"jo_signbit({a})"}[op]
 
 
 def _cast(a: str, src: torch.dtype, dst: torch.dtype) -> str:

@@ -292,6 +292,8 @@ def pointwise(ctx: _Ctx, op: str, *operands: Any, dtype: torch.dtype | None = No
     if compute.is_complex or out.dtype.is_complex:
         raise Unsupported("complex dtype")
     shape = ctx.shape
+    if op not in ("mul", "truediv", "floordiv"):  # eager's mul and div read it unrounded
+        operands = tuple(_scalar_operand(v, compute) for v in operands)
     readers = [broadcast(v, shape, compute) for v in operands]
     result = out.dtype if dtype is None else dtype
 
@@ -299,6 +301,16 @@ def pointwise(ctx: _Ctx, op: str, *operands: Any, dtype: torch.dtype | None = No
         return Op(op, tuple(r(idx) for r in readers), result)
 
     return TensorValue(shape, result, at)
+
+
+def _scalar_operand(value: Any, dtype: torch.dtype) -> Any:
+    """A Python scalar operand as eager's TensorIterator reads it: converted to the op's dtype,
+    so a half type rounds it (bfloat16 x + 0.1 adds 0.10009765625, x == 0.1 is true for
+    x = bfloat16(0.1)). Only mul and div keep the exact scalar (their CPU kernels read it in
+    float32), and op parameters (alpha, slopes, clamp bounds) are not operands."""
+    if dtype in (torch.float16, torch.bfloat16) and isinstance(value, (int, float)):
+        return float(torch.tensor(value, dtype=dtype))
+    return value
 
 
 def _expr_fn(ctx: _Ctx, fn: Callable[..., Expr], *operands: Any,
@@ -332,9 +344,28 @@ for _name, _ops in {
     "bitwise_or": (aten.bitwise_or.Tensor, aten.bitwise_or.Scalar),
     "bitwise_xor": (aten.bitwise_xor.Tensor, aten.bitwise_xor.Scalar),
     "copysign": (aten.copysign.Tensor,), "hypot": (aten.hypot.default,),
-    "pow": (aten.pow.Tensor_Tensor, aten.pow.Tensor_Scalar, aten.pow.Scalar),
+    "pow": (aten.pow.Tensor_Tensor, aten.pow.Scalar),
 }.items():
     lowers(*_ops)(_binary(_name))
+
+
+@lowers(aten.pow.Tensor_Scalar)
+def _pow_scalar(ctx, a, exponent):
+    """x ** 0.5 and x ** -0.5 as eager computes them: float32, float64 and bfloat16 call sqrt
+    and rsqrt (pow_tensor_scalar_kernel), which differ from pow at -0.0 and -inf; float16
+    calls pow. powf(x, 0.5f) itself is no answer: GCC vectorizes it as sqrt, so the result
+    at -inf would depend on the lane."""
+    if exponent not in (0.5, -0.5) or not ctx.out.dtype.is_floating_point:
+        return pointwise(ctx, "pow", a, exponent)
+    root = "sqrt" if exponent == 0.5 else "rsqrt"
+    if ctx.out.dtype != torch.float16:
+        return pointwise(ctx, root, a)
+
+    def fn(x):  # pow's values where sqrt's differ: -0.0 acts as +0.0 (x + 0), -inf as +inf
+        value = Op(root, (Op("add", (x, c(0.0, x)), x.dtype),), x.dtype)
+        at_neg_inf = Op("eq", (x, c(-math.inf, x)), torch.bool)
+        return Op("where", (at_neg_inf, c(math.inf if exponent > 0 else 0.0, x), value), x.dtype)
+    return _expr_fn(ctx, fn, a)
 
 
 @lowers(aten.add.Scalar)
@@ -377,8 +408,16 @@ def _div_mode(ctx, a, b, rounding_mode=None):
     if ctx.out.dtype.is_floating_point:
         return _expr_fn(ctx, lambda x, y: Op("trunc", (Op("truediv", (x, y), x.dtype),),
                                              x.dtype), a, b)
-    return _expr_fn(ctx, lambda x, y: Op("cast", (Op("truediv", (
-        cast(x, torch.float64), cast(y, torch.float64)), torch.float64),), x.dtype), a, b)
+    # Integers stay integers (through float64 they lost the bits past 2**53): floor division,
+    # plus one where it rounded an inexact negative quotient down.
+    def trunc_int(x, y):
+        q = Op("floordiv", (x, y), x.dtype)
+        inexact = Op("ne", (Op("fmod", (x, y), x.dtype), c(0, x)), torch.bool)
+        negative = Op("ne", (Op("lt", (x, c(0, x)), torch.bool),
+                             Op("lt", (y, c(0, y)), torch.bool)), torch.bool)
+        up = Op("logical_and", (inexact, negative), torch.bool)
+        return Op("where", (up, Op("add", (q, c(1, q)), q.dtype), q), q.dtype)
+    return _expr_fn(ctx, trunc_int, a, b)
 
 
 def _unary(name: str):
@@ -483,6 +522,7 @@ def _compare_values(ctx, name, a, b):
     """Comparisons compute in the operands' promoted dtype and yield bool."""
     compute = _promoted(a, b)
     shape = ctx.shape
+    a, b = _scalar_operand(a, compute), _scalar_operand(b, compute)
     ra, rb = broadcast(a, shape, compute), broadcast(b, shape, compute)
     return TensorValue(shape, torch.bool, lambda idx: Op(name, (ra(idx), rb(idx)), torch.bool))
 

@@ -56,6 +56,8 @@ def _fusible(node: fx.Node, gm: fx.GraphModule) -> bool:
         return False  # joins with its producer, below
     if node.target not in FUSIBLE:
         return False
+    if node.target is torch.ops.aten.arange.start_step and node.meta["val"].dtype.is_floating_point:
+        return False  # eager's float arange arithmetic is not reproduced: left to ATen
     vals = [node.meta.get("val")] if node.target not in REDUCTIONS or not is_multi_output(
         node) else list(node.meta.get("val") or ())
     if not vals or not all(isinstance(v, torch.Tensor) and v.dtype in SUPPORTED_DTYPES
