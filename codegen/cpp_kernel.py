@@ -18,7 +18,7 @@ import torch
 
 from jitopt.codegen.kernel_ir import (
     REDUCTION_VAR, Const, Expr, IndexValue, Kernel, Load, Op, Reduction, ReductionResult,
-    index_source, outer_var, reduction_levels)
+    depends_on, index_source, outer_var, reduction_levels)
 
 # Below this many elements a kernel runs on one thread: an OpenMP fork costs a few us.
 PARALLEL_THRESHOLD = 32768
@@ -356,18 +356,76 @@ def _render_reduction(kernel: Kernel) -> list[str]:
              *_delinearize("row", outer, "    ")]
     known: dict[object, str] = {}
     counter = [0]
+    row_stores = lambda s: REDUCTION_VAR not in s.index.free_symbols  # noqa: E731
+    final = [s.value for s in kernel.stores if not row_stores(s)]
+    cache = _row_cache(kernel, levels, final)
+    for expr, (level, name) in cache.items():
+        lines.append(f"    {compute_type(expr.dtype)} {name}[{rsize}];  // saved by loop {level}")
     for level in sorted(set(levels.values())):
         reds = [r for r, lv in levels.items() if lv == level]
-        lines += _reduction_loop(reds, rsize, known, counter)
-    row_stores = lambda s: REDUCTION_VAR not in s.index.free_symbols  # noqa: E731
+        saves = {e: name for e, (lv, name) in cache.items() if lv == level}
+        lines += _reduction_loop(reds, rsize, known, counter, saves)
     scalar = _Body("    ", known)
     lines += _stores(kernel, scalar, counter, only=row_stores)
-    if any(not row_stores(s) for s in kernel.stores):
+    if final:
+        reads = {e: f"{name}[r]" for e, (_, name) in cache.items()}
         lines += ["    #pragma omp simd", f"    for (int64_t r = 0; r < {rsize}; ++r) {{"]
-        lines += _stores(kernel, _Body("      ", known), counter,
+        lines += _stores(kernel, _Body("      ", {**known, **reads}), counter,
                          only=lambda s: not row_stores(s))
         lines.append("    }")
     return lines + ["  }"]
+
+
+# Ops worth a store and a load to avoid computing twice (softmax's exp: eager's kernel computes
+# it once, and a second libmvec exp per element costs more than the row's memory traffic).
+_EXPENSIVE = frozenset({"exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "tanh", "erf",
+                        "erfc", "sigmoid", "pow", "sin", "cos", "tan", "atan", "atan2"})
+# A row cache lives on the stack of the thread computing the row: bounded.
+ROW_CACHE_BYTES = 64 * 1024
+
+
+def _row_cache(kernel: Kernel, levels: dict[Reduction, int], final: list[Expr]
+               ) -> dict[Expr, tuple[int, str]]:
+    """Expensive per-element values the final loop would recompute from a reduction loop:
+    the last loop computing each saves it in a row-sized array the final loop reads."""
+    size = kernel.reduction_range
+    if not isinstance(size, int) and not getattr(size, "is_Integer", False):
+        return {}
+    wanted = {e for v in final for e in _subexpressions(v)
+              if isinstance(e, Op) and _costly(e) and depends_on(e, REDUCTION_VAR)}
+    found: dict[Expr, int] = {}
+    for red, level in levels.items():
+        for e in _subexpressions(red.value):
+            if e in wanted:
+                found[e] = max(level, found.get(e, 0))
+    # Only the outermost such values: saving exp(x - m) makes saving x - m pointless.
+    inner = {e for f in found for e in _subexpressions(f) if e is not f}
+    cache, budget = {}, ROW_CACHE_BYTES
+    for k, (e, level) in enumerate(kv for kv in found.items() if kv[0] not in inner):
+        cost = int(size) * torch.empty((), dtype=_compute_dtype(e.dtype)).element_size()
+        if cost <= budget:
+            cache[e] = (level, f"row_cache{k}")
+            budget -= cost
+    return cache
+
+
+def _subexpressions(expr: Expr) -> list[Expr]:
+    """`expr` and everything under it, not looking inside finished reductions."""
+    out, stack = [], [expr]
+    while stack:
+        e = stack.pop()
+        out.append(e)
+        if isinstance(e, Op):
+            stack.extend(e.args)
+    return out
+
+
+def _costly(expr: Op) -> bool:
+    return any(isinstance(e, Op) and e.op in _EXPENSIVE for e in _subexpressions(expr))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 @dataclasses.dataclass
@@ -394,8 +452,8 @@ class _Acc:
                 else f"std::numeric_limits<{t}>::max()")
 
 
-def _reduction_loop(reds: list[Reduction], rsize: str, known: dict, counter: list[int]
-                    ) -> list[str]:
+def _reduction_loop(reds: list[Reduction], rsize: str, known: dict, counter: list[int],
+                    saves: dict[Expr, str]) -> list[str]:
     accs = [_Acc(r, f"acc{counter[0] + k}") for k, r in enumerate(reds)]
     counter[0] += len(reds)
     r0 = f"{accs[0].name}_r0"  # where the vector loop stopped and the scalar tail starts
@@ -414,6 +472,7 @@ def _reduction_loop(reds: list[Reduction], rsize: str, known: dict, counter: lis
     for a in accs:
         v = body.value(a.red.value, counter)
         body.lines += _step(a, v, "[l]", "r", ind + "    ")
+    body.lines += [f"{ind}    {name}[r] = {body.value(e, counter)};" for e, name in saves.items()]
     lines += body.lines + [f"{ind}  }}", f"{ind}}}"]
     for a in accs:
         lines += _tail_state(a, ind)
@@ -424,6 +483,7 @@ def _reduction_loop(reds: list[Reduction], rsize: str, known: dict, counter: lis
     for a in accs:
         v = tail.value(a.red.value, counter)
         tail.lines += _step(a, v, "_t", "r", ind + "  ")
+    tail.lines += [f"{ind}  {name}[r] = {tail.value(e, counter)};" for e, name in saves.items()]
     lines += tail.lines + [f"{ind}}}"]
     for a in accs:
         lines += _finish(a, width, rsize, r0, ind, known)

@@ -812,7 +812,9 @@ def _softmax(ctx, a, dim, half_to_float=False):
         _check_row(idx, outer)
         if log:
             return cast(Op("sub", (shifted(idx), Op("log", (s,), acc)), acc), out)
-        return cast(Op("truediv", (Op("exp", (shifted(idx),), acc), s), acc), out)
+        # Times the reciprocal, as eager's vectorized softmax (one division per row).
+        inverse = Op("reciprocal", (s,), acc)
+        return cast(Op("mul", (Op("exp", (shifted(idx),), acc), inverse), acc), out)
 
     return TensorValue(a.shape, out, at)
 
