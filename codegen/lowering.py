@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from jitopt.passes.fusible_ops import VIEWS
 
-from jitopt.codegen.targets import Declined
+from jitopt.errors import Declined
 from jitopt.codegen.kernel_ir import (
     REDUCTION_VAR, Buffer, Const, Expr, IndexValue, Kernel, Load, Op, Reduction,
     ReductionResult, Size, Store, collapse_ranges, outer_var)

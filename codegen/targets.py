@@ -7,10 +7,7 @@ from typing import Any, Protocol
 
 import torch.fx as fx
 
-
-class Declined(Exception):
-    """A target cannot express a partition it was offered (an op or layout it does not lower).
-    Not an error: the partition runs on ATen, without a warning."""
+from jitopt.errors import Declined  # noqa: F401  (re-exported: targets raise it)
 
 
 class Target(Protocol):
@@ -57,8 +54,10 @@ register_target(AtenTarget())
 
 def _register_builtin_targets() -> None:
     from jitopt.codegen.cpp_target import CppTarget
+    from jitopt.codegen.triton_target import TritonTarget
 
     register_target(CppTarget())
+    register_target(TritonTarget())
 
 
 _register_builtin_targets()

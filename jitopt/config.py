@@ -28,9 +28,9 @@ class Config:
     disabled_passes: tuple[str, ...] = ()
     """Names of pipeline passes to skip (see `jitopt.passes.PIPELINE`)."""
 
-    targets: tuple[str, ...] = ("cpp", "aten")
-    """Lowering targets to try, in order of preference: "cpp" (generated C++ kernels for the
-    fusion groups on CPU), "aten". ATen always runs what no other target takes, so it is
+    targets: tuple[str, ...] = ("triton", "cpp", "aten")
+    """Lowering targets to try, in order of preference: "triton" (generated Triton kernels for
+    the fusion groups on CUDA), "cpp" (generated C++ kernels for those on CPU), "aten". ATen always runs what no other target takes, so it is
     implied; ("aten",) turns code generation off."""
 
     autotune: bool = False

@@ -16,3 +16,8 @@ class JitoptError(RuntimeError):
 
 class JitoptFallbackWarning(UserWarning):
     """A graph or partition ran on ATen because compiling it failed."""
+
+
+class Declined(Exception):
+    """A lowering target cannot express a partition it was offered (an op or a layout it does
+    not lower). Not an error: the partition runs on ATen, without a warning."""

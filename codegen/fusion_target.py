@@ -1,0 +1,106 @@
+"""What the kernel-generating targets (cpp, triton) share: taking the fusion groups of their
+device, lowering them together, and the parts of a generated launcher that do not depend on
+the kernel language."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+
+from jitopt.codegen.kernel_ir import Size, index_source
+from jitopt.passes.group_fusions import GROUP_KEY
+
+
+class FusionTarget:
+    """A target that turns each fusion group on `device` into one generated kernel.
+    Subclasses implement lower_all."""
+
+    name: str
+    device: str
+
+    def supports(self, node: fx.Node) -> bool:
+        """A node of a fusion group whose values all live on this target's device."""
+        val = node.meta.get("val")
+        vals = val if isinstance(val, (tuple, list)) else [val]
+        return GROUP_KEY in node.meta and all(
+            isinstance(v, torch.Tensor) and v.device.type == self.device for v in vals)
+
+    def propose(self, gm: fx.GraphModule) -> list[list[fx.Node]]:
+        """The fusion groups group_fusions marked, on this target's device."""
+        groups: dict[int, list[fx.Node]] = {}
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and GROUP_KEY in node.meta:
+                groups.setdefault(node.meta[GROUP_KEY], []).append(node)
+        return [g for g in groups.values() if all(self.supports(n) for n in g
+                                                  if n.target is not operator.getitem)]
+
+    def lower(self, partition: fx.GraphModule) -> Callable[..., Any]:
+        """One group's launcher (raises what lower_all would return for it)."""
+        result = self.lower_all({"kernel": partition})["kernel"]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def lower_all(self, partitions: dict[str, fx.GraphModule]) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def kernel_name(gm: fx.GraphModule) -> str:
+    """A readable kernel name from the group's ops: fused_mul_add_sigmoid."""
+    names: list[str] = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            op = node.target.overloadpacket.__name__.strip("_")
+            if op not in names:
+                names.append(op)
+    return "fused_" + "_".join(names[:4])
+
+
+def tensor_params(gm: fx.GraphModule) -> tuple[list[str], list[str]]:
+    """(every placeholder's name, the names of the tensor ones the kernel reads)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    tensors = [n.name for n in placeholders if isinstance(n.meta.get("val"), torch.Tensor)]
+    return [n.name for n in placeholders], tensors
+
+
+def returns_single(gm: fx.GraphModule) -> bool:
+    """Does the group return one value (fuse_by_partitions then uses it without getitem)?"""
+    output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    return not isinstance(output, (tuple, list))
+
+
+def layout_check(arg: str, shape: Sequence[Size], strides: Sequence[Size]) -> list[str]:
+    """Launcher lines: kernels index inputs with the strides they were compiled for, so check
+    them, and copy into that layout when they differ."""
+    if all(isinstance(s, int) for s in strides):
+        dims = [d for d, size in enumerate(shape) if size != 1]  # a size-1 dim's stride is free
+        if not dims:
+            return []
+        got = (f"{arg}.stride()" if len(dims) == len(shape) else
+               "(" + "".join(f"{arg}.stride({d}), " for d in dims) + ")")
+        want = size_tuple([strides[d] for d in dims])
+        return [f"    if {got} != {want}:",
+                f"        {arg} = relayout({arg}, {size_tuple(strides)})"]
+    if _contiguous(shape, strides):
+        return [f"    if not {arg}.is_contiguous():", f"        {arg} = {arg}.contiguous()"]
+    raise NotImplementedError("a non-contiguous input with symbolic strides")
+
+
+def _contiguous(shape: Sequence[Size], strides: Sequence[Size]) -> bool:
+    expected: Size = 1
+    for size, stride in reversed(list(zip(shape, strides))):
+        if size != 1 and sympy.expand(sympy.sympify(stride) - expected) != 0:
+            return False
+        expected = expected * size
+    return True
+
+
+def size_tuple(values: Sequence[Size]) -> str:
+    """Sizes as a Python tuple expression over the launcher's size variables."""
+    parts = [index_source(v) for v in values]
+    return f"({parts[0]},)" if len(parts) == 1 else f"({', '.join(parts)})"
