@@ -16,7 +16,7 @@ from jitopt.codegen.fusion_target import (
     FusionTarget, kernel_name, layout_check, returns_single, size_tuple, tensor_params)
 from jitopt.codegen.kernel_ir import Kernel
 from jitopt.codegen.lowering import KernelSignature, lower_group
-from jitopt.runtime.cpp_loader import build_launcher, load_kernel
+from jitopt.runtime.cpp_loader import HUGE_PAGE_MIN_BYTES, build_launcher, load_kernel
 
 
 @dataclasses.dataclass
@@ -84,12 +84,23 @@ def render_launcher(name: str, kernel: Kernel, signature: KernelSignature,
         lines.append(f"    {symbol.name} = {tensor_args[i]}.shape[{dim}]")
     for k, (shape, strides, dtype) in enumerate(signature.outputs):
         # out{k} given: the memory plan hands over a dead buffer of exactly this layout.
-        lines += [f"    if out{k} is None:",
-                  f"        out{k} = empty_strided({size_tuple(shape)}, {size_tuple(strides)}, "
-                  f"dtype={dtype})"]
+        alloc = f"empty_strided({size_tuple(shape)}, {size_tuple(strides)}, dtype={dtype})"
+        if _may_be_huge(shape, dtype):
+            alloc = f"huge_pages({alloc})"
+        lines += [f"    if out{k} is None:", f"        out{k} = {alloc}"]
     pointers = [f"{a}.data_ptr()" for a in tensor_args] + [f"{o}.data_ptr()" for o in outs]
     sizes = [s.name for s in kernel.size_args]
     lines.append(f"    kernel({', '.join(pointers + sizes)})")
     lines.append(f"    return {outs[0]}" if returns_single(gm) else
                  f"    return ({', '.join(outs)},)")
     return "\n".join(lines) + "\n"
+
+
+def _may_be_huge(shape, dtype: torch.dtype) -> bool:
+    """Could this output reach HUGE_PAGE_MIN_BYTES (symbolic sizes: maybe)?"""
+    if not all(isinstance(s, int) for s in shape):
+        return True
+    numel = 1
+    for s in shape:
+        numel *= s
+    return numel * torch.empty((), dtype=dtype).element_size() >= HUGE_PAGE_MIN_BYTES

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,44 @@ def relayout(t: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor:
     return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
 
 
+# Outputs at least this big are backed by 2 MB pages where the kernel allows it. A fresh large
+# buffer is mapped untouched, and faulting it in 4 KB at a time costs more than the kernel
+# writing it (a 64 MB copy into new memory: 18 ms with 4 KB pages, 4 ms with 2 MB pages).
+HUGE_PAGE_MIN_BYTES = 4 << 20
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+def _madvise() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux") or os.environ.get("JITOPT_HUGE_PAGES") == "0":
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_madvise_fn = _madvise()
+
+
+def huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """Ask the kernel to back `t`'s whole 2 MB-aligned pages with huge pages (transparent huge
+    pages in madvise mode; a no-op where unsupported). Call before anything writes `t`."""
+    if _madvise_fn is not None and t.nbytes >= HUGE_PAGE_MIN_BYTES:
+        start = t.data_ptr()
+        first = (start + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
+        last = (start + t.nbytes) & ~(_HUGE_PAGE - 1)
+        if last > first:
+            _madvise_fn(first, last - first, _MADV_HUGEPAGE)  # advice: failure is harmless
+    return t
+
+
 def build_launcher(source: str, name: str, kernel: Callable[..., None]) -> Callable[..., Any]:
     """Execute a generated launcher's source (see codegen/cpp_target.py) with its kernel."""
     namespace: dict[str, Any] = {"torch": torch, "kernel": kernel, "relayout": relayout,
-                                 "empty_strided": torch.empty_strided, "empty": torch.empty}
+                                 "empty_strided": torch.empty_strided, "huge_pages": huge_pages}
     exec(compile(source, f"<jitopt launcher {name}>", "exec"), namespace)
     return namespace[name]
