@@ -355,7 +355,13 @@ def _pow_scalar(ctx, a, exponent):
     and rsqrt (pow_tensor_scalar_kernel), which differ from pow at -0.0 and -inf; float16
     calls pow. powf(x, 0.5f) itself is no answer: GCC vectorizes it as sqrt, so the result
     at -inf would depend on the lane."""
-    if exponent not in (0.5, -0.5) or not ctx.out.dtype.is_floating_point:
+    if not ctx.out.dtype.is_floating_point:
+        return pointwise(ctx, "pow", a, exponent)
+    if exponent in (2, 3, -1, -2):
+        # Products, as eager's pow_tensor_scalar_optimized_kernel: exact where pow is, and a
+        # vector multiply instead of a libm pow (GPT-2's GELU cubes its input).
+        return _expr_fn(ctx, lambda x: _integer_power(x, int(exponent)), a)
+    if exponent not in (0.5, -0.5):
         return pointwise(ctx, "pow", a, exponent)
     root = "sqrt" if exponent == 0.5 else "rsqrt"
     if ctx.out.dtype != torch.float16:
@@ -366,6 +372,12 @@ def _pow_scalar(ctx, a, exponent):
         at_neg_inf = Op("eq", (x, c(-math.inf, x)), torch.bool)
         return Op("where", (at_neg_inf, c(math.inf if exponent > 0 else 0.0, x), value), x.dtype)
     return _expr_fn(ctx, fn, a)
+
+
+def _integer_power(x: Expr, exponent: int) -> Expr:
+    square = Op("mul", (x, x), x.dtype)
+    power = {2: square, 3: Op("mul", (square, x), x.dtype), -1: x, -2: square}[exponent]
+    return Op("reciprocal", (power,), x.dtype) if exponent < 0 else power
 
 
 @lowers(aten.add.Scalar)
