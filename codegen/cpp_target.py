@@ -64,7 +64,8 @@ class CppTarget(FusionTarget):
             fn = load_kernel(library, kernel.name, len(kernel.inputs) + len(kernel.outputs),
                              len(kernel.size_args))
             launcher_source = render_launcher(f"launch_{kernel.name}", kernel, signature, gm)
-            launcher = build_launcher(launcher_source, f"launch_{kernel.name}", fn)
+            launcher = build_launcher(launcher_source, f"launch_{kernel.name}", fn,
+                                      len(signature.outputs))
             layouts = [layout if all(isinstance(v, int) for v in (*layout[0], *layout[1]))
                        else None for layout in signature.outputs]
             results[name] = CppArtifact(launcher, kernel.name, source, launcher_source, layouts)
@@ -85,8 +86,8 @@ def render_launcher(name: str, kernel: Kernel, signature: KernelSignature,
     for k, (shape, strides, dtype) in enumerate(signature.outputs):
         # out{k} given: the memory plan hands over a dead buffer of exactly this layout.
         alloc = f"empty_strided({size_tuple(shape)}, {size_tuple(strides)}, dtype={dtype})"
-        if _may_be_huge(shape, dtype):
-            alloc = f"huge_pages({alloc})"
+        if _may_be_huge(shape, dtype):  # large: reuse the last call's buffer when it is free
+            alloc = f"recycled{k}({size_tuple(shape)}, {size_tuple(strides)}, {dtype})"
         lines += [f"    if out{k} is None:", f"        out{k} = {alloc}"]
     pointers = [f"{a}.data_ptr()" for a in tensor_args] + [f"{o}.data_ptr()" for o in outs]
     sizes = [s.name for s in kernel.size_args]

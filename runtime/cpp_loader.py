@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,9 +62,52 @@ def huge_pages(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def build_launcher(source: str, name: str, kernel: Callable[..., None]) -> Callable[..., Any]:
-    """Execute a generated launcher's source (see codegen/cpp_target.py) with its kernel."""
+class RecycledOutput:
+    """The memory of one large kernel output, handed out again by the next call once every
+    tensor on it is gone. A fresh large buffer costs the OS a zeroed page per 4 KB (most of a
+    memory-bound kernel's time: a 64 MB output takes longer to fault in than to compute), and
+    glibc returns such buffers to the OS on free, so every call would pay again.
+
+    The buffer is reused only when this object holds the sole reference to its storage: an
+    output the caller kept, or any view of it, keeps the storage's use count above one, and the
+    call then allocates afresh. The lock makes the check-and-take atomic across threads. At
+    most one buffer per output is kept: the memory of one call's outputs stays mapped."""
+
+    __slots__ = ("storage", "lock")
+
+    def __init__(self) -> None:
+        self.storage: torch.UntypedStorage | None = None
+        self.lock = threading.Lock()
+
+    def __call__(self, shape: tuple[int, ...], strides: tuple[int, ...],
+                 dtype: torch.dtype) -> torch.Tensor:
+        needed = _extent(shape, strides) * torch.empty((), dtype=dtype).element_size()
+        if needed < HUGE_PAGE_MIN_BYTES:
+            return torch.empty_strided(shape, strides, dtype=dtype)
+        with self.lock:
+            storage = self.storage
+            # Private: the only way to see a storage's reference count (one module, here).
+            if (storage is not None and torch._C._storage_Use_Count(storage._cdata) == 1
+                    and storage.nbytes() >= needed):
+                return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides)
+            fresh = huge_pages(torch.empty_strided(shape, strides, dtype=dtype))
+            self.storage = fresh.untyped_storage()
+            return fresh
+
+
+def _extent(shape: tuple[int, ...], strides: tuple[int, ...]) -> int:
+    """Elements spanned by a strided layout."""
+    if any(s == 0 for s in shape):
+        return 0
+    return 1 + sum((size - 1) * stride for size, stride in zip(shape, strides))
+
+
+def build_launcher(source: str, name: str, kernel: Callable[..., None],
+                   outputs: int = 0) -> Callable[..., Any]:
+    """Execute a generated launcher's source (see codegen/cpp_target.py) with its kernel and
+    one RecycledOutput per output (`recycled0`, ...)."""
     namespace: dict[str, Any] = {"torch": torch, "kernel": kernel, "relayout": relayout,
                                  "empty_strided": torch.empty_strided, "huge_pages": huge_pages}
+    namespace.update({f"recycled{k}": RecycledOutput() for k in range(outputs)})
     exec(compile(source, f"<jitopt launcher {name}>", "exec"), namespace)
     return namespace[name]
