@@ -359,19 +359,21 @@ def _render_reduction(kernel: Kernel) -> list[str]:
     row_stores = lambda s: REDUCTION_VAR not in s.index.free_symbols  # noqa: E731
     final = [s.value for s in kernel.stores if not row_stores(s)]
     cache = _row_cache(kernel, levels, final)
-    for expr, (level, name) in cache.items():
-        lines.append(f"    {compute_type(expr.dtype)} {name}[{rsize}];  // saved by loop {level}")
+    lines += [f"    {decl}  // saved by loop {level}" for level, _, decl in cache.values() if decl]
     for level in sorted(set(levels.values())):
         reds = [r for r, lv in levels.items() if lv == level]
-        saves = {e: name for e, (lv, name) in cache.items() if lv == level}
+        saves = {e: where for e, (lv, where, _) in cache.items() if lv == level}
         lines += _reduction_loop(reds, rsize, known, counter, saves)
     scalar = _Body("    ", known)
     lines += _stores(kernel, scalar, counter, only=row_stores)
     if final:
-        reads = {e: f"{name}[r]" for e, (_, name) in cache.items()}
         lines += ["    #pragma omp simd", f"    for (int64_t r = 0; r < {rsize}; ++r) {{"]
-        lines += _stores(kernel, _Body("      ", {**known, **reads}), counter,
-                         only=lambda s: not row_stores(s))
+        # Read every saved value before any store of this element can overwrite one.
+        body = _Body("      ", known)
+        for k, (e, (_, where, _)) in enumerate(cache.items()):
+            body.lines.append(f"      const {compute_type(e.dtype)} saved{k} = {where};")
+            body.names[e] = f"saved{k}"
+        lines += _stores(kernel, body, counter, only=lambda s: not row_stores(s))
         lines.append("    }")
     return lines + ["  }"]
 
@@ -385,12 +387,12 @@ ROW_CACHE_BYTES = 64 * 1024
 
 
 def _row_cache(kernel: Kernel, levels: dict[Reduction, int], final: list[Expr]
-               ) -> dict[Expr, tuple[int, str]]:
+               ) -> dict[Expr, tuple[int, str, str | None]]:
     """Expensive per-element values the final loop would recompute from a reduction loop:
-    the last loop computing each saves it in a row-sized array the final loop reads."""
-    size = kernel.reduction_range
-    if not isinstance(size, int) and not getattr(size, "is_Integer", False):
-        return {}
+    the last loop computing each saves it, the final loop reads it back. Where it goes:
+    the element of an output the final loop overwrites anyway, when one has the value's
+    dtype (as eager's softmax keeps exp in its output); else a row-sized array on the stack.
+    Returns value -> (loop level, the location for element r, its declaration or None)."""
     wanted = {e for v in final for e in _subexpressions(v)
               if isinstance(e, Op) and _costly(e) and depends_on(e, REDUCTION_VAR)}
     found: dict[Expr, int] = {}
@@ -400,12 +402,25 @@ def _row_cache(kernel: Kernel, levels: dict[Reduction, int], final: list[Expr]
                 found[e] = max(level, found.get(e, 0))
     # Only the outermost such values: saving exp(x - m) makes saving x - m pointless.
     inner = {e for f in found for e in _subexpressions(f) if e is not f}
+    size = kernel.reduction_range
+    static = isinstance(size, int) or getattr(size, "is_Integer", False)
+    dtypes = {b.name: b.dtype for b in kernel.outputs}
+    taken: set[str] = set()
     cache, budget = {}, ROW_CACHE_BYTES
     for k, (e, level) in enumerate(kv for kv in found.items() if kv[0] not in inner):
-        cost = int(size) * torch.empty((), dtype=_compute_dtype(e.dtype)).element_size()
+        store = next((st for st in kernel.stores if st.buffer not in taken
+                      and REDUCTION_VAR in st.index.free_symbols
+                      and dtypes[st.buffer] == e.dtype and e in _subexpressions(st.value)), None)
+        if store is not None:
+            taken.add(store.buffer)
+            cache[e] = (level, f"{store.buffer}[{index_source(store.index)}]", None)
+            continue
+        cost = int(size) * torch.empty((), dtype=_compute_dtype(e.dtype)).element_size() \
+            if static else ROW_CACHE_BYTES + 1
         if cost <= budget:
-            cache[e] = (level, f"row_cache{k}")
             budget -= cost
+            cache[e] = (level, f"row_cache{k}[r]",
+                        f"{compute_type(e.dtype)} row_cache{k}[{index_source(size)}];")
     return cache
 
 
@@ -472,7 +487,7 @@ def _reduction_loop(reds: list[Reduction], rsize: str, known: dict, counter: lis
     for a in accs:
         v = body.value(a.red.value, counter)
         body.lines += _step(a, v, "[l]", "r", ind + "    ")
-    body.lines += [f"{ind}    {name}[r] = {body.value(e, counter)};" for e, name in saves.items()]
+    body.lines += [f"{ind}    {where} = {body.value(e, counter)};" for e, where in saves.items()]
     lines += body.lines + [f"{ind}  }}", f"{ind}}}"]
     for a in accs:
         lines += _tail_state(a, ind)
@@ -483,7 +498,7 @@ def _reduction_loop(reds: list[Reduction], rsize: str, known: dict, counter: lis
     for a in accs:
         v = tail.value(a.red.value, counter)
         tail.lines += _step(a, v, "_t", "r", ind + "  ")
-    tail.lines += [f"{ind}  {name}[r] = {tail.value(e, counter)};" for e, name in saves.items()]
+    tail.lines += [f"{ind}  {where} = {tail.value(e, counter)};" for e, where in saves.items()]
     lines += tail.lines + [f"{ind}}}"]
     for a in accs:
         lines += _finish(a, width, rsize, r0, ind, known)

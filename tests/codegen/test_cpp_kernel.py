@@ -40,11 +40,10 @@ extern "C" void fused_sigmoid_mul_5cedf4dd35(const float* __restrict__ in0, floa
     def test_softmax_saves_exp_for_the_final_loop(self):
         source = _kernels(lambda x: torch.softmax(x, -1), torch.randn(8, 100))
         self.assertExpectedInline(source, """\
-extern "C" void fused_softmax_2bf9d77b50(const float* __restrict__ in0, float* __restrict__ out0) {
+extern "C" void fused_softmax_fa94b3fdfa(const float* __restrict__ in0, float* __restrict__ out0) {
   #pragma omp parallel for schedule(static) if(800 >= 32768)
   for (int64_t row = 0; row < 8; ++row) {
     const int64_t i0 = row;
-    float row_cache0[100];  // saved by loop 2
     // reduction loop: max
     float acc0[32];
     for (int l = 0; l < 32; ++l) acc0[l] = -std::numeric_limits<float>::infinity();
@@ -76,7 +75,7 @@ extern "C" void fused_softmax_2bf9d77b50(const float* __restrict__ in0, float* _
         const float t5 = (t4 - acc0_all);
         const float t6 = expf(t5);
         acc3[l] = acc3[l] + t6;
-        row_cache0[r] = t6;
+        out0[(100*i0 + r)] = t6;
       }
     }
     float acc3_t = float(0);
@@ -85,14 +84,15 @@ extern "C" void fused_softmax_2bf9d77b50(const float* __restrict__ in0, float* _
       const float t8 = (t7 - acc0_all);
       const float t9 = expf(t8);
       acc3_t = acc3_t + t9;
-      row_cache0[r] = t9;
+      out0[(100*i0 + r)] = t9;
     }
     float acc3_all = acc3_t;
     for (int l = 0; l < 32; ++l) acc3_all = acc3_all + acc3[l];
     #pragma omp simd
     for (int64_t r = 0; r < 100; ++r) {
+      const float saved0 = out0[(100*i0 + r)];
       const float t10 = (float(1) / acc3_all);
-      const float t11 = (row_cache0[r] * t10);
+      const float t11 = (saved0 * t10);
       out0[(100*i0 + r)] = t11;
     }
   }
