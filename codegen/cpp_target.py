@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -13,9 +12,9 @@ import torch.fx as fx
 from jitopt.codegen.cpp_compiler import compile_library
 from jitopt.codegen.cpp_kernel import render_kernel, render_source
 from jitopt.codegen.fusion_target import (
-    FusionTarget, kernel_name, layout_check, returns_single, size_tuple, tensor_params)
+    FusionTarget, layout_check, plan_kernels, returns_single, size_tuple, tensor_params)
 from jitopt.codegen.kernel_ir import Kernel
-from jitopt.codegen.lowering import KernelSignature, lower_group
+from jitopt.codegen.lowering import KernelSignature
 from jitopt.runtime.cpp_loader import HUGE_PAGE_MIN_BYTES, build_launcher, load_kernel
 
 
@@ -42,23 +41,10 @@ class CppTarget(FusionTarget):
     def lower_all(self, partitions: dict[str, fx.GraphModule]) -> dict[str, Any]:
         """Lower every group, compile all kernels in one library (identical kernels once).
         A group that cannot be lowered maps to its exception (it then runs on ATen)."""
-        results: dict[str, Any] = {}
-        kernels: dict[str, Kernel] = {}  # body hash -> kernel
-        planned: dict[str, tuple[Kernel, KernelSignature, fx.GraphModule]] = {}
-        for name, gm in partitions.items():
-            try:
-                kernel, signature = lower_group(gm, "kernel")
-                body = render_kernel(kernel)
-            except Exception as e:  # lowering declined or failed: this group stays on ATen
-                results[name] = e
-                continue
-            digest = hashlib.sha256(body.encode()).hexdigest()[:10]
-            kernel = kernels.setdefault(digest, dataclasses.replace(
-                kernel, name=f"{kernel_name(gm)}_{digest}"))
-            planned[name] = (kernel, signature, gm)
+        results, planned, kernels = plan_kernels(partitions, render_kernel)
         if not planned:
             return results
-        source = render_source(list(kernels.values()))
+        source = render_source(kernels)
         library = compile_library(source)
         for name, (kernel, signature, gm) in planned.items():
             fn = load_kernel(library, kernel.name, len(kernel.inputs) + len(kernel.outputs),

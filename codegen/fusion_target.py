@@ -4,6 +4,8 @@ the kernel language."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -12,7 +14,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from jitopt.codegen.kernel_ir import Size, index_source
+from jitopt.codegen.kernel_ir import Kernel, Size, index_source
 from jitopt.passes.group_fusions import GROUP_KEY
 
 
@@ -48,6 +50,30 @@ class FusionTarget:
 
     def lower_all(self, partitions: dict[str, fx.GraphModule]) -> dict[str, Any]:
         raise NotImplementedError
+
+
+def plan_kernels(partitions: dict[str, fx.GraphModule], render: Callable[[Kernel], str]
+                 ) -> tuple[dict[str, Exception], dict[str, tuple], list[Kernel]]:
+    """Lower each group and render its kernel with `render`: (the exception of each group
+    that could not be lowered, (kernel, signature, group) by group name, the distinct kernels:
+    groups whose rendered bodies are equal share one kernel, named by the body's hash)."""
+    from jitopt.codegen.lowering import lower_group
+
+    failed: dict[str, Exception] = {}
+    planned: dict[str, tuple] = {}
+    by_body: dict[str, Kernel] = {}
+    for name, gm in partitions.items():
+        try:
+            kernel, signature = lower_group(gm, "kernel")
+            body = render(kernel)
+        except Exception as e:  # lowering declined or failed: this group stays on ATen
+            failed[name] = e
+            continue
+        digest = hashlib.sha256(body.encode()).hexdigest()[:10]
+        kernel = by_body.setdefault(digest, dataclasses.replace(
+            kernel, name=f"{kernel_name(gm)}_{digest}"))
+        planned[name] = (kernel, signature, gm)
+    return failed, planned, list(by_body.values())
 
 
 def kernel_name(gm: fx.GraphModule) -> str:

@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from jitopt.codegen import lowering, triton_kernel
 from jitopt.codegen.fusion_target import (
-    FusionTarget, kernel_name, layout_check, returns_single, size_tuple, tensor_params)
+    FusionTarget, layout_check, plan_kernels, returns_single, size_tuple, tensor_params)
 from jitopt.codegen.kernel_ir import Kernel, index_source
 from jitopt.debug import counters
 from jitopt.errors import Declined, JitoptFallbackWarning
@@ -101,7 +101,7 @@ class TritonTarget(FusionTarget):
         reason = triton_unavailable()
         if reason is not None:
             return {name: Declined(reason) for name in partitions}
-        results, planned, kernels = _plan(partitions)
+        results, planned, kernels = plan_kernels(partitions, triton_kernel.render_kernel)
         if not planned:
             return results
         interpret = interpreting()
@@ -160,25 +160,6 @@ class FirstLaunchFallback:
             result = self.group(*args)
         self.launched = True
         return result
-
-
-def _plan(partitions: dict[str, fx.GraphModule]) -> tuple[dict, dict, list[Kernel]]:
-    """Lower and render each group: (failures by name, kernel plans by name, unique kernels)."""
-    results: dict[str, Any] = {}
-    planned: dict[str, tuple[Kernel, lowering.KernelSignature, fx.GraphModule]] = {}
-    by_body: dict[str, Kernel] = {}
-    for name, gm in partitions.items():
-        try:
-            kernel, signature = lowering.lower_group(gm, "kernel")
-            body = triton_kernel.render_kernel(kernel)
-        except Exception as e:  # lowering declined or failed: this group stays on ATen
-            results[name] = e
-            continue
-        digest = hashlib.sha256(body.encode()).hexdigest()[:10]
-        kernel = by_body.setdefault(digest, dataclasses.replace(
-            kernel, name=f"{kernel_name(gm)}_{digest}"))
-        planned[name] = (kernel, signature, gm)
-    return results, planned, list(by_body.values())
 
 
 def _for_kind(configs: Sequence[dict[str, int]], reduction: bool) -> tuple[dict[str, int], ...]:
