@@ -854,12 +854,10 @@ def _layer_norm(ctx, a, normalized_shape, weight, bias, eps):
             y = Op("add", (y, b(idx)), acc)
         return cast(y, out_dtype)
 
-    stats_shape = (*outer, 1)
-    normalized = TensorValue(a.shape, out_dtype, at)
-    mean_v = _row_result(ctx, outer, True, lambda: mean, stat_dtype)
-    rstd_v = _row_result(ctx, outer, True, lambda: rstd, stat_dtype)
-    assert mean_v.shape == stats_shape
-    return (normalized, mean_v, rstd_v)
+    # (output, mean, rstd); the statistics keep a size-1 last dim, as native_layer_norm's do.
+    return (TensorValue(a.shape, out_dtype, at),
+            _row_result(ctx, outer, True, lambda: mean, stat_dtype),
+            _row_result(ctx, outer, True, lambda: rstd, stat_dtype))
 
 
 def _count(n: Size, dtype: torch.dtype) -> Expr:
