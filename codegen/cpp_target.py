@@ -52,8 +52,9 @@ class CppTarget(FusionTarget):
             launcher_source = render_launcher(f"launch_{kernel.name}", kernel, signature, gm)
             launcher = build_launcher(launcher_source, f"launch_{kernel.name}", fn,
                                       len(signature.outputs))
-            layouts = [layout if all(isinstance(v, int) for v in (*layout[0], *layout[1]))
-                       else None for layout in signature.outputs]
+            layouts = [(*layout, self.device) if all(isinstance(v, int) for v in
+                                                     (*layout[0], *layout[1])) else None
+                       for layout in signature.outputs]
             results[name] = CppArtifact(launcher, kernel.name, source, launcher_source, layouts)
         return results
 
@@ -74,6 +75,10 @@ def render_launcher(name: str, kernel: Kernel, signature: KernelSignature,
         alloc = f"empty_strided({size_tuple(shape)}, {size_tuple(strides)}, dtype={dtype})"
         if _may_be_huge(shape, dtype):  # large: reuse the last call's buffer when it is free
             alloc = f"recycled{k}({size_tuple(shape)}, {size_tuple(strides)}, {dtype})"
+        if all(isinstance(v, int) for v in (*shape, *strides)):
+            # A handed-over buffer must have the layout the kernel writes (checked, not trusted).
+            lines += [f"    if out{k} is not None and (out{k}.shape != {size_tuple(shape)} or "
+                      f"out{k}.stride() != {size_tuple(strides)}):", f"        out{k} = None"]
         lines += [f"    if out{k} is None:", f"        out{k} = {alloc}"]
     pointers = [f"{a}.data_ptr()" for a in tensor_args] + [f"{o}.data_ptr()" for o in outs]
     sizes = [s.name for s in kernel.size_args]

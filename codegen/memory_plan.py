@@ -17,7 +17,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-Layout = tuple[tuple[int, ...], tuple[int, ...], torch.dtype]
+Layout = tuple[tuple[int, ...], tuple[int, ...], torch.dtype, str]  # ..., device type
+
+# Views whose schema carries no alias annotation (AOTAutograd emits _unsafe_view after every
+# batched matmul): by schema they look like fresh tensors, but they share their input's memory.
+_UNANNOTATED_VIEWS = frozenset({torch.ops.aten._unsafe_view.default})
 
 
 def plan_output_reuse(gm: fx.GraphModule, artifacts: dict[str, Any]
@@ -44,6 +48,8 @@ def plan_output_reuse(gm: fx.GraphModule, artifacts: dict[str, Any]
 
 
 def _kernel_outputs(node: fx.Node, artifacts: dict[str, Any]) -> list[Layout | None]:
+    """The layouts of a generated kernel's outputs (our kernels declare them; any other
+    partition's outputs are unknown and never take part)."""
     if node.op != "call_module":
         return []
     return list(getattr(artifacts.get(node.target), "output_layouts", None) or [])
@@ -51,7 +57,7 @@ def _kernel_outputs(node: fx.Node, artifacts: dict[str, Any]) -> list[Layout | N
 
 def _donor_layout(node: fx.Node, artifacts: dict[str, Any]) -> Layout | None:
     """The layout of `node`'s buffer when it may be reused after its last use, else None."""
-    if any(user.op == "output" or _aliases(user) for user in node.users):
+    if any(user.op == "output" or _aliases(user, artifacts) for user in node.users):
         return None
     if node.op == "call_module":
         layouts = _kernel_outputs(node, artifacts)
@@ -66,7 +72,7 @@ def _donor_layout(node: fx.Node, artifacts: dict[str, Any]) -> Layout | None:
     if node.op == "call_function" and _returns_fresh_tensor(node):
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor) and _static(val):
-            return tuple(val.shape), tuple(val.stride()), val.dtype
+            return tuple(val.shape), tuple(val.stride()), val.dtype, val.device.type
     return None
 
 
@@ -74,20 +80,23 @@ def _returns_fresh_tensor(node: fx.Node) -> bool:
     target = node.target
     if not isinstance(target, torch._ops.OpOverload) or target._schema.is_mutable:
         return False
+    if target in _UNANNOTATED_VIEWS:
+        return False
     returns = target._schema.returns
     return len(returns) == 1 and returns[0].alias_info is None
 
 
-def _aliases(user: fx.Node) -> bool:
+def _aliases(user: fx.Node, artifacts: dict[str, Any]) -> bool:
     """Could `user`'s result share memory with its inputs (a view, or an op we cannot see
     into)?"""
     target = user.target
-    if user.op == "call_module":
-        return False  # our kernels never return their inputs
+    if user.op == "call_module":  # our kernels never return their inputs; others may
+        return user.target not in artifacts or not hasattr(artifacts[user.target],
+                                                           "output_layouts")
     if user.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return user.op != "output"
-    return target._schema.is_mutable or any(r.alias_info is not None
-                                            for r in target._schema.returns)
+    return (target in _UNANNOTATED_VIEWS or target._schema.is_mutable
+            or any(r.alias_info is not None for r in target._schema.returns))
 
 
 def _static(val: torch.Tensor) -> bool:

@@ -104,3 +104,32 @@ def test_training_graphs_still_match_eager_gradients():
     fn(x2).backward()
     torch.testing.assert_close(x.grad, x2.grad)
     assert jitopt.counters["targets"]["cpp_partitions"] >= 2
+
+
+def test_buffer_behind_an_unsafe_view_is_not_reused():
+    """Regression: aten._unsafe_view (after a batched matmul) has no alias annotation, and the
+    memory plan handed the matmul's buffer to a kernel while the view was still to be read."""
+    def fn(a, b, c, e):
+        x = a @ b                          # mm + _unsafe_view
+        y = torch.sigmoid(c) * 2           # a kernel output with mm's layout
+        return y, torch.bmm(x, e)
+
+    args = torch.randn(2, 4, 8), torch.randn(8, 16), torch.randn(8, 16), torch.randn(2, 16, 3)
+    with torch.no_grad():
+        for got, want in zip(_compiled(fn)(*args), fn(*args)):
+            torch.testing.assert_close(got, want)
+
+
+def test_memory_plan_keys_buffers_by_device():
+    """A dead buffer on another device never becomes a CPU kernel's output: the device is
+    part of the layout the plan matches on."""
+    import torch.fx as fx
+
+    from jitopt.codegen.memory_plan import _donor_layout
+
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    mm = graph.call_function(torch.ops.aten.mm.default, (x, x))
+    mm.meta["val"] = torch.empty(8, 8, device="meta")
+    graph.output(graph.call_function(torch.ops.aten.relu.default, (mm,)))
+    assert _donor_layout(mm, {}) == ((8, 8), (8, 1), torch.float32, "meta")
