@@ -18,7 +18,7 @@ import torch
 
 from jitopt.codegen.kernel_ir import (
     REDUCTION_VAR, Const, Expr, IndexValue, Kernel, Load, Op, Reduction, ReductionResult,
-    depends_on, index_source, outer_var, reduction_levels)
+    compute_dtype, depends_on, index_source, outer_var, reduction_levels)
 
 # Below this many elements a kernel runs on one thread: an OpenMP fork costs a few us.
 PARALLEL_THRESHOLD = 32768
@@ -415,7 +415,7 @@ def _row_cache(kernel: Kernel, levels: dict[Reduction, int], final: list[Expr]
             taken.add(store.buffer)
             cache[e] = (level, f"{store.buffer}[{index_source(store.index)}]", None)
             continue
-        cost = int(size) * torch.empty((), dtype=_compute_dtype(e.dtype)).element_size() \
+        cost = int(size) * torch.empty((), dtype=compute_dtype(e.dtype)).element_size() \
             if static else ROW_CACHE_BYTES + 1
         if cost <= budget:
             budget -= cost
@@ -437,10 +437,6 @@ def _subexpressions(expr: Expr) -> list[Expr]:
 
 def _costly(expr: Op) -> bool:
     return any(isinstance(e, Op) and e.op in _EXPENSIVE for e in _subexpressions(expr))
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 @dataclasses.dataclass

@@ -27,6 +27,11 @@ Size = Union[int, sympy.Expr]
 REDUCTION_VAR = sympy.Symbol("r", integer=True, nonnegative=True)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a value is computed in: float32 for the half types, else its own."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def outer_var(k: int) -> sympy.Symbol:
     return sympy.Symbol(f"i{k}", integer=True, nonnegative=True)
 

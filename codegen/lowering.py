@@ -23,8 +23,8 @@ from jitopt.passes.fusible_ops import VIEWS
 
 from jitopt.errors import Declined
 from jitopt.codegen.kernel_ir import (
-    REDUCTION_VAR, Buffer, Const, Expr, IndexValue, Kernel, Load, Op, Reduction,
-    ReductionResult, Size, Store, collapse_ranges, outer_var)
+    REDUCTION_VAR, Buffer, Const, Expr, IndexValue, Kernel, Load, Op, Reduction, ReductionResult,
+    Size, Store, collapse_ranges, compute_dtype, outer_var)
 
 aten = torch.ops.aten
 
@@ -456,7 +456,7 @@ def _relu(ctx, a):
 @lowers(aten.silu.default)
 def _silu(ctx, a):
     return _expr_fn(ctx, lambda x: Op("mul", (x, Op("sigmoid", (x,), x.dtype)), x.dtype), a,
-                    dtype=_float_compute(ctx.out.dtype))
+                    dtype=compute_dtype(ctx.out.dtype))
 
 
 @lowers(aten.gelu.default)
@@ -470,7 +470,7 @@ def _gelu(ctx, a, approximate="none"):
                 c(1, x), Op("tanh", (inner,), f)), f)), f)
         erf = Op("erf", (Op("mul", (x, c(1 / math.sqrt(2), x)), f),), f)
         return Op("mul", (Op("mul", (x, c(0.5, x)), f), Op("add", (c(1, x), erf), f)), f)
-    return _expr_fn(ctx, fn, a, dtype=_float_compute(ctx.out.dtype))
+    return _expr_fn(ctx, fn, a, dtype=compute_dtype(ctx.out.dtype))
 
 
 @lowers(aten.hardtanh.default)
@@ -513,10 +513,6 @@ def _elu(ctx, a, alpha=1.0, scale=1.0, input_scale=1.0):
         picked = Op("where", (Op("gt", (x, c(0, x)), torch.bool), x, neg), x.dtype)
         return Op("mul", (picked, c(scale, x)), x.dtype)
     return _expr_fn(ctx, fn, a)
-
-
-def _float_compute(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _promoted(*operands: Any) -> torch.dtype:
@@ -762,7 +758,7 @@ def _sum(ctx, a, dims=None, keepdim=False, dtype=None):
 def _amax(ctx, a, dims=(), keepdim=False):
     outer = _row(ctx, a, dims)
     kind = "max" if ctx.node.target is aten.amax.default else "min"
-    acc = _float_compute(a.dtype)
+    acc = compute_dtype(a.dtype)
     red = Reduction(kind, cast(_row_value(a, outer), acc), acc)
     return _row_result(ctx, outer, keepdim, lambda: ReductionResult(red, 0, acc), ctx.out.dtype)
 
@@ -775,7 +771,7 @@ def _argmax(ctx, a, dim=None, keepdim=False):
         dim, keepdim = 0, False
     outer = _row(ctx, a, [dim])
     kind = "argmax" if ctx.node.target is aten.argmax.default else "argmin"
-    acc = _float_compute(a.dtype)
+    acc = compute_dtype(a.dtype)
     red = Reduction(kind, cast(_row_value(a, outer), acc), acc)
     return _row_result(ctx, outer, keepdim, lambda: ReductionResult(red, 0, torch.int64),
                        torch.int64)
@@ -783,7 +779,7 @@ def _argmax(ctx, a, dim=None, keepdim=False):
 
 def _welford(ctx, a, dims) -> tuple[tuple, Reduction, torch.dtype]:
     outer = _row(ctx, a, dims)
-    acc = _float_compute(a.dtype)
+    acc = compute_dtype(a.dtype)
     if not acc.is_floating_point:
         raise Unsupported("variance of an integer tensor")
     return outer, Reduction("welford", cast(_row_value(a, outer), acc), acc), acc
@@ -810,7 +806,7 @@ def _var(ctx, a, dims=None, *, correction=None, keepdim=False):
 @lowers(aten._softmax.default, aten._log_softmax.default)
 def _softmax(ctx, a, dim, half_to_float=False):
     outer = _row(ctx, a, [dim])
-    acc = _float_compute(a.dtype)
+    acc = compute_dtype(a.dtype)
     out = ctx.out.dtype
     x_at = lambda idx: cast(a.at(idx), acc)  # noqa: E731
     row_max = Reduction("max", x_at(_row_index(outer)), acc)
