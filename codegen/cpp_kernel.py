@@ -42,7 +42,7 @@ def compute_type(dtype: torch.dtype) -> str:
 
 def lanes(dtype: torch.dtype) -> int:
     """Independent accumulators per reduction: two 512-bit vectors' worth."""
-    return 128 // torch.empty((), dtype=dtype).element_size()
+    return 128 // dtype.itemsize
 
 
 PRELUDE = r"""
@@ -415,8 +415,7 @@ def _row_cache(kernel: Kernel, levels: dict[Reduction, int], final: list[Expr]
             taken.add(store.buffer)
             cache[e] = (level, f"{store.buffer}[{index_source(store.index)}]", None)
             continue
-        cost = int(size) * torch.empty((), dtype=compute_dtype(e.dtype)).element_size() \
-            if static else ROW_CACHE_BYTES + 1
+        cost = int(size) * compute_dtype(e.dtype).itemsize if static else ROW_CACHE_BYTES + 1
         if cost <= budget:
             budget -= cost
             cache[e] = (level, f"row_cache{k}[r]",

@@ -95,4 +95,4 @@ def _may_be_huge(shape, dtype: torch.dtype) -> bool:
     numel = 1
     for s in shape:
         numel *= s
-    return numel * torch.empty((), dtype=dtype).element_size() >= HUGE_PAGE_MIN_BYTES
+    return numel * dtype.itemsize >= HUGE_PAGE_MIN_BYTES

@@ -81,7 +81,7 @@ class RecycledOutput:
 
     def __call__(self, shape: tuple[int, ...], strides: tuple[int, ...],
                  dtype: torch.dtype) -> torch.Tensor:
-        needed = _extent(shape, strides) * torch.empty((), dtype=dtype).element_size()
+        needed = _extent(shape, strides) * dtype.itemsize
         if needed < HUGE_PAGE_MIN_BYTES:
             return torch.empty_strided(shape, strides, dtype=dtype)
         with self.lock:
