@@ -47,6 +47,64 @@ def lower_to_aten(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
     )
 
 
+def trace_inference(gm: fx.GraphModule,
+                    example_inputs: Sequence[Any]) -> fx.GraphModule | None:
+    """Trace Dynamo's graph straight to ATen with make_fx when AOTAutograd has nothing to add:
+    no gradients, plain tensors, no constants on the module and no op that writes. Saves
+    AOTAutograd's metadata pass and functionalization, about half of capture time, and its
+    runtime wrappers on every call. None when the graph needs AOTAutograd."""
+    from torch._dispatch.python import enable_python_dispatcher
+    from torch._guards import detect_fake_mode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    fake_mode = detect_fake_mode(example_inputs)
+    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
+    if (fake_mode is None or any(is_traceable_wrapper_subclass(x) for x in tensors)
+            or (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
+            or any(n.op == "get_attr" for n in gm.graph.nodes)):
+        return None
+    fakes = [_fakify(x, fake_mode) for x in example_inputs]
+    with enable_python_dispatcher(), fake_mode:
+        traced = make_fx(gm, decomposition_table=DECOMPOSITIONS,
+                         record_module_stack=True)(*fakes)
+    if any(n.op == "get_attr" or _writes(n) for n in traced.graph.nodes):
+        return None  # mutation or lifted constants: AOTAutograd functionalizes them
+    traced.graph.eliminate_dead_code()  # make_fx keeps unused outputs, as AOTAutograd does not
+    traced.recompile()
+    return traced
+
+
+def _fakify(x: Any, fake_mode: Any) -> Any:
+    """The backend's fake value of one input, with the symbolic sizes Dynamo gave it (the way
+    AOTAutograd fakifies Dynamo's inputs)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if not isinstance(x, torch.Tensor) or (isinstance(x, FakeTensor)
+                                           and x.fake_mode is fake_mode):
+        return x
+    if isinstance(x, FakeTensor):
+        return fake_mode.from_tensor(x)
+    tracing = torch._guards.TracingContext.try_get()
+    context = tracing.tensor_to_context.get(x) if tracing is not None else None
+    if context is None:
+        return fake_mode.from_tensor(x, static_shapes=True)
+    return fake_mode.from_tensor(x, symbolic_context=context, source=context.tensor_source,
+                                 trace=False)
+
+
+def _writes(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and schema.is_mutable
+
+
+def unboxed(fn: Callable[[list], Any]) -> Callable[..., Any]:
+    """Dynamo calls the backend's function with positional inputs; ours take one list."""
+    def run(*args: Any) -> Any:
+        return fn(list(args))
+    return run
+
+
 def boxed(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Mark a plain callable as taking AOTAutograd's boxed (single list) argument."""
     return make_boxed_func(fn)

@@ -54,9 +54,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any],
         return compile_aten
 
     try:
-        compiled = capture.lower_to_aten(gm, example_inputs, inference=aten_compiler("inference"),
-                                         forward=aten_compiler("forward"),
-                                         backward=aten_compiler("backward"))
+        compiled = _capture(gm, example_inputs, aten_compiler)
     except Exception as e:
         if capture.is_dynamo_restart(e):
             discard_graph_report(report)
@@ -66,6 +64,18 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any],
     report.seconds = time.perf_counter() - start
     counters["graphs"]["captured"] += 1
     return compiled
+
+
+def _capture(gm: fx.GraphModule, example_inputs: Sequence[Any],
+             aten_compiler: Callable[[str], capture.AtenCompiler]) -> Callable[..., Any]:
+    """Capture to ATen: straight through make_fx for plain inference, else AOTAutograd."""
+    traced = capture.trace_inference(gm, example_inputs)
+    if traced is not None:
+        counters["graphs"]["captured_direct"] += 1
+        return capture.unboxed(aten_compiler("inference")(traced, example_inputs))
+    return capture.lower_to_aten(gm, example_inputs, inference=aten_compiler("inference"),
+                                 forward=aten_compiler("forward"),
+                                 backward=aten_compiler("backward"))
 
 
 def _compile_aten(aten_gm: fx.GraphModule, kind: str, config: Config, graph: GraphReport,

@@ -68,7 +68,7 @@ def run(args):
     args.clear()
     fused_0 = cpp_fused_0(arg1_1)
     del arg1_1
-    mul_5 = arg0_1 * 2
+    mul_1 = arg0_1 * 2
     del arg0_1
-    return (fused_0, mul_5)
+    return (fused_0, mul_1)
 """)
