@@ -37,7 +37,8 @@ def partition_graph(gm: fx.GraphModule, targets: Sequence[str], *, on_error: str
     """Carve partitions for each non-ATen target (in preference order) out of `gm`, in place.
 
     Returns the lowered artifact per submodule name, and a record per partition. What no
-    target takes stays as plain ATen nodes, run inline by the wrapper."""
+    target takes stays as plain ATen nodes, run inline by the wrapper. Only `gm.graph` is
+    meaningful afterwards (the wrapper is generated from it); call gm.recompile() to run gm."""
     artifacts: dict[str, object] = {}
     records: list[PartitionRecord] = []
     for name in targets:
@@ -60,7 +61,6 @@ def partition_graph(gm: fx.GraphModule, targets: Sequence[str], *, on_error: str
                 artifacts[new_name] = artifact
             else:  # run its ATen ops inline: no per-call cost for a submodule
                 _inline(gm, new_name)
-        gm.recompile()
     aten_ops = sum(1 for n in gm.graph.nodes if n.op == "call_function")
     records.append(PartitionRecord("inline", "aten", aten_ops))
     return artifacts, records
