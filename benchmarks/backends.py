@@ -103,8 +103,11 @@ def _exported(factory: Callable[..., Any]) -> Prepare:
 def all_backends() -> dict[str, Backend]:
     from jitopt.config import PRESETS
 
-    backends = [Backend("eager", eager), Backend("inductor", torch_compile()),
-                inductor_freezing()]
+    # "dynamo" (Dynamo capture, graphs run eagerly) shows what the capture alone costs every
+    # torch.compile backend; running it first also takes Dynamo's one-time warm-up off the
+    # compilers' cold-compile columns.
+    backends = [Backend("eager", eager), Backend("dynamo", torch_compile(backend="eager")),
+                Backend("inductor", torch_compile()), inductor_freezing()]
     for mode in PRESETS:  # a new jitopt mode becomes a column by itself
         name = "jitopt" if mode == "default" else f"jitopt-{mode}"
         backends.append(Backend(name, torch_compile(
