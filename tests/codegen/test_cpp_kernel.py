@@ -40,7 +40,7 @@ extern "C" void fused_sigmoid_mul_5cedf4dd35(const float* __restrict__ in0, floa
     def test_softmax_saves_exp_for_the_final_loop(self):
         source = _kernels(lambda x: torch.softmax(x, -1), torch.randn(8, 100))
         self.assertExpectedInline(source, """\
-extern "C" void fused_softmax_fa94b3fdfa(const float* __restrict__ in0, float* __restrict__ out0) {
+extern "C" void fused_softmax_edb199bd9f(const float* __restrict__ in0, float* __restrict__ out0) {
   #pragma omp parallel for schedule(static) if(800 >= 32768)
   for (int64_t row = 0; row < 8; ++row) {
     const int64_t i0 = row;
@@ -49,6 +49,8 @@ extern "C" void fused_softmax_fa94b3fdfa(const float* __restrict__ in0, float* _
     for (int l = 0; l < 32; ++l) acc0[l] = -std::numeric_limits<float>::infinity();
     int64_t acc0_r0 = 0;
     for (; acc0_r0 + 32 <= 100; acc0_r0 += 32) {
+      __builtin_prefetch(&in0[(100 + acc0_r0 + 100*i0)]);
+      __builtin_prefetch(&in0[(116 + acc0_r0 + 100*i0)]);
       #pragma omp simd
       for (int64_t l = 0; l < 32; ++l) {
         const int64_t r = acc0_r0 + l;
@@ -103,7 +105,7 @@ extern "C" void fused_softmax_fa94b3fdfa(const float* __restrict__ in0, float* _
         w, b = torch.randn(100), torch.randn(100)
         source = _kernels(lambda x: F.layer_norm(x, (100,), w, b), torch.randn(8, 100))
         self.assertExpectedInline(source, """\
-extern "C" void fused_native_layer_norm_c7c2a95e1c(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out0) {
+extern "C" void fused_native_layer_norm_ac4da01c62(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out0) {
   #pragma omp parallel for schedule(static) if(800 >= 32768)
   for (int64_t row = 0; row < 8; ++row) {
     const int64_t i0 = row;
@@ -112,6 +114,8 @@ extern "C" void fused_native_layer_norm_c7c2a95e1c(const float* __restrict__ in0
     int64_t acc0_r0 = 0;
     for (; acc0_r0 + 32 <= 100; acc0_r0 += 32) {
       const float inv_n = 1.0f / float(acc0_r0 / 32 + 1);
+      __builtin_prefetch(&in0[(100 + acc0_r0 + 100*i0)]);
+      __builtin_prefetch(&in0[(116 + acc0_r0 + 100*i0)]);
       #pragma omp simd
       for (int64_t l = 0; l < 32; ++l) {
         const int64_t r = acc0_r0 + l;
