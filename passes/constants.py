@@ -31,7 +31,10 @@ def add_constant(gm: fx.GraphModule, value: torch.Tensor, hint: str,
 
 
 def meta_like(value: torch.Tensor) -> torch.Tensor:
-    """A storage-free stand-in with the same shape, strides and dtype, for node.meta['val']."""
+    """A storage-free stand-in with the same shape, strides and dtype, for node.meta['val']
+    (contiguous for a library's opaque layout, such as a oneDNN-packed weight)."""
+    if value.layout != torch.strided:
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
     return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
 
 

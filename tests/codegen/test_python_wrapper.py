@@ -33,7 +33,7 @@ class TestWrapperSource(expecttest.TestCase):
 # jitopt inference graph: 3 ops, 2 compiled partitions
 convolution_default = aten_op("aten::convolution.default")
 mean_dim = aten_op("aten::mean.dim")
-addmm_default = aten_op("aten::addmm.default")
+_linear_pointwise_default_ = aten_op("mkldnn::_linear_pointwise.default")
 
 
 def run(args):
@@ -48,9 +48,9 @@ def run(args):
     del fused_0
     fused_1 = cpp_fused_1(mean)
     del mean
-    addmm = addmm_default(frozen_arg7_1, fused_1, folded_t)
+    _linear_pointwise_default = _linear_pointwise_default_(fused_1, folded_addmm_packed, frozen_arg7_1, 'none', [], '')
     del fused_1
-    return (addmm,)
+    return (_linear_pointwise_default,)
 """)
 
     def test_symbolic_sizes_are_arguments(self):
