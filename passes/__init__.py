@@ -5,9 +5,11 @@ from jitopt.passes.eliminate_dead_code import eliminate_dead_code
 from jitopt.passes.fold_constants import fold_constants
 from jitopt.passes.fold_conv_bn import fold_conv_bn
 from jitopt.passes.fold_linear_bn import fold_linear_bn
+from jitopt.passes.fuse_conv_epilogues import fuse_conv_epilogues
 from jitopt.passes.fuse_linear_epilogues import fuse_linear_epilogues
 from jitopt.passes.group_fusions import group_fusions
 from jitopt.passes.infra import PassRecord, run_passes
+from jitopt.passes.prepack_convolutions import prepack_convolutions
 from jitopt.passes.prepack_linear_weights import prepack_linear_weights
 from jitopt.passes.remove_noops import remove_noops
 
@@ -24,6 +26,10 @@ PIPELINE = [
     prepack_linear_weights,
     # Then activations right after such a linear become its post-op (before fusion claims them).
     fuse_linear_epilogues,
+    # The same for convolutions (after fold_conv_bn), whose outputs become channels-last;
+    # then ReLU and residual adds become their post-ops.
+    prepack_convolutions,
+    fuse_conv_epilogues,
     # After the rewrites: they can expose duplicate ops on the same inputs.
     eliminate_common_subexpressions,
     # Last: sweeps what the rewrites left unused, and frees the constants they replaced.
@@ -36,6 +42,7 @@ PIPELINE = [
 # Passes that are only correct without autograd (a training graph keeps detach and clone
 # semantics, and has no frozen weights to fold).
 INFERENCE_ONLY = frozenset({remove_noops, fold_constants, fold_conv_bn, fold_linear_bn,
-                            prepack_linear_weights, fuse_linear_epilogues})
+                            prepack_linear_weights, fuse_linear_epilogues,
+                            prepack_convolutions, fuse_conv_epilogues})
 
 __all__ = ["PIPELINE", "INFERENCE_ONLY", "PassRecord", "run_passes"]

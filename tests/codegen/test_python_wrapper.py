@@ -30,8 +30,8 @@ class TestWrapperSource(expecttest.TestCase):
         torch.manual_seed(0)
         source = _wrapper_source(Block().eval(), torch.randn(2, 3, 6, 6), 3)
         self.assertExpectedInline(source, """\
-# jitopt inference graph: 3 ops, 2 compiled partitions
-convolution_default = aten_op("aten::convolution.default")
+# jitopt inference graph: 3 ops, 1 compiled partitions
+_convolution_pointwise_default = aten_op("mkldnn::_convolution_pointwise.default")
 mean_dim = aten_op("aten::mean.dim")
 _linear_pointwise_default_ = aten_op("mkldnn::_linear_pointwise.default")
 
@@ -40,16 +40,14 @@ def run(args):
     arg0_1, arg1_1, arg2_1, arg3_1, arg4_1, arg5_1, arg6_1, arg7_1 = args
     args.clear()
     del arg0_1, arg2_1, arg3_1, arg4_1, arg5_1, arg6_1, arg7_1
-    convolution = convolution_default(arg1_1, folded_convolution_weight, folded_convolution_bias, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+    _convolution_pointwise_default_1 = _convolution_pointwise_default(arg1_1, folded_convolution_packed, folded_convolution_bias, [0, 0], [1, 1], [1, 1], 1, 'relu', [], '')
     del arg1_1
-    fused_0 = cpp_fused_0(convolution)
-    del convolution
-    mean = mean_dim(fused_0, [2, 3])
-    del fused_0
-    fused_1 = cpp_fused_1(mean)
+    mean = mean_dim(_convolution_pointwise_default_1, [2, 3])
+    del _convolution_pointwise_default_1
+    fused_0 = cpp_fused_0(mean)
     del mean
-    _linear_pointwise_default = _linear_pointwise_default_(fused_1, folded_addmm_packed, frozen_arg7_1, 'none', [], '')
-    del fused_1
+    _linear_pointwise_default = _linear_pointwise_default_(fused_0, folded_addmm_packed, frozen_arg7_1, 'none', [], '')
+    del fused_0
     return (_linear_pointwise_default,)
 """)
 

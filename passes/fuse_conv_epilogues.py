@@ -1,0 +1,65 @@
+"""ReLU and residual adds after a oneDNN convolution become its post-ops."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from jitopt.passes.graph_facts import is_op, is_output, tensor_meta
+from jitopt.passes.prepack_convolutions import CONV
+
+aten = torch.ops.aten
+CONV_ADD = torch.ops.mkldnn._convolution_pointwise.binary
+
+
+def fuse_conv_epilogues(gm: fx.GraphModule) -> int:
+    """Rewrites relu(conv(x)) to conv with a relu post-op, and [relu](conv(x) + other) to
+    oneDNN's conv with an add (then relu) post-op, so the output is written once. Safe: the
+    conv's result has no other user, `other` has the output's shape, dtype and channels-last
+    layout (oneDNN reads it as is), and add then relu is exactly what the post-ops compute."""
+    fused = 0
+    for node in list(gm.graph.nodes):
+        if not (is_op(node, CONV) and node.args[7] == "none"):
+            continue
+        user = _only_user(node)
+        if user is None:
+            continue
+        if is_op(user, aten.relu.default):
+            fused += _replace(gm, user, CONV, (*node.args[:7], "relu", [], ""), node)
+        elif is_op(user, aten.add.Tensor) and not user.kwargs and _addend(user, node):
+            last = _only_user(user)
+            relu = last if last is not None and is_op(last, aten.relu.default) else None
+            x, weight, bias, padding, stride, dilation, groups = node.args[:7]
+            args = (x, _addend(user, node), weight, bias, padding, stride, dilation, groups,
+                    "add", None, "relu" if relu else None, [], None)
+            fused += _replace(gm, relu or user, CONV_ADD, args, node, extra=[user] if relu else [])
+    return fused
+
+
+def _addend(add: fx.Node, conv: fx.Node) -> fx.Node | None:
+    """The other operand of `conv + other`, when oneDNN can add it as is."""
+    a, b = add.args
+    other = b if a is conv else a if b is conv else None
+    if not isinstance(other, fx.Node) or other is conv:
+        return None
+    want, got = tensor_meta(conv), tensor_meta(other)
+    if got is None or got.shape != want.shape or got.dtype != want.dtype:
+        return None
+    return other if got.is_contiguous(memory_format=torch.channels_last) else None
+
+
+def _replace(gm: fx.GraphModule, last: fx.Node, target, args: tuple, conv: fx.Node,
+             extra: list[fx.Node] = ()) -> int:
+    with gm.graph.inserting_before(last):
+        new = gm.graph.call_function(target, args)
+    new.meta["val"] = last.meta["val"]
+    last.replace_all_uses_with(new)
+    for dead in (last, *extra, conv):
+        gm.graph.erase_node(dead)
+    return 1
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    if is_output(node) or len(node.users) != 1:
+        return None
+    return next(iter(node.users))

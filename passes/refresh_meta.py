@@ -1,0 +1,39 @@
+"""Recompute node.meta["val"] downstream of nodes whose output layout a pass changed."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from jitopt.passes.constants import constant_value, is_constant
+
+
+def refresh_meta_downstream(gm: fx.GraphModule, changed: set[fx.Node]) -> None:
+    """Re-run each call_function that reads a changed node on the fake values of its inputs,
+    so meta["val"] shows the strides the node will really produce. A node whose op cannot run
+    on fake values keeps its old value: its shape is still right, and every consumer of strides
+    (kernel launchers) checks them at run time rather than trusting them."""
+    fake_mode = next((n.meta["val"].fake_mode for n in changed
+                      if hasattr(n.meta.get("val"), "fake_mode")), None)
+    if fake_mode is None:
+        return
+    for node in gm.graph.nodes:
+        if node in changed or node.op != "call_function":
+            continue
+        if not any(a in changed for a in node.all_input_nodes):
+            continue
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs),
+                                       lambda a: _fake_value(a, fake_mode))
+        try:
+            with fake_mode:
+                node.meta["val"] = node.target(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - an op with no fake kernel: keep the old value
+            continue
+        changed.add(node)
+
+
+def _fake_value(node: fx.Node, fake_mode) -> object:
+    if is_constant(node):
+        value = constant_value(node)
+        return fake_mode.from_tensor(value) if value.layout == torch.strided else value
+    return node.meta.get("val")
