@@ -94,8 +94,21 @@ def machine_peaks(quick: bool) -> dict[str, float]:
     b8 = torch.randint(-128, 127, (n, n), dtype=torch.int8)
     t = time_calls(lambda: torch._int_mm(a8, b8), warmup=2, iterations=10, max_seconds=5).median_s
     peaks["int8_gops"] = 2 * n ** 3 / t / 1e9
+    peaks["fp32_onednn_gflops"] = _onednn_fp32_gflops(n)
     src = torch.empty(2 ** (22 if quick else 26), dtype=torch.float32).fill_(1)  # 16 or 256 MB
     dst = torch.empty_like(src)
     t = time_calls(lambda: dst.copy_(src), warmup=2, iterations=10, max_seconds=5).median_s
     peaks["copy_gbps"] = 2 * src.numel() * 4 / t / 1e9  # read + write
     return peaks
+
+
+def _onednn_fp32_gflops(n: int) -> float:
+    """fp32 matmul through oneDNN with a prepacked weight, as jitopt runs frozen linears: on
+    AMD CPUs PyTorch's own `a @ b` goes to MKL, which runs at about 40% of this."""
+    if not torch.backends.mkldnn.is_available():
+        return 0.0
+    a, w = torch.randn(n, n), torch.randn(n, n)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, n)
+    t = time_calls(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""),
+                   warmup=2, iterations=10, max_seconds=5).median_s
+    return 2 * n ** 3 / t / 1e9

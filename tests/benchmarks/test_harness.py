@@ -25,7 +25,8 @@ def test_one_command_writes_table_json_and_plot(tmp_path):
          "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads((out / "results.json").read_text())
-    assert set(summary["peaks"]) == {"fp32_gflops", "bf16_gflops", "int8_gops", "copy_gbps"}
+    assert set(summary["peaks"]) == {"fp32_gflops", "fp32_onednn_gflops", "bf16_gflops",
+                                     "int8_gops", "copy_gbps"}
     mlp, generate = summary["results"]
     assert [r["backend"] for r in mlp["rows"]] == ["eager", "jitopt", "torch-tensorrt"]
     eager, jit, trt = mlp["rows"]
