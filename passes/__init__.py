@@ -12,6 +12,7 @@ from jitopt.passes.infra import PassRecord, run_passes
 from jitopt.passes.prepack_convolutions import prepack_convolutions
 from jitopt.passes.prepack_linear_weights import prepack_linear_weights
 from jitopt.passes.remove_noops import remove_noops
+from jitopt.passes.rewrite_attention import rewrite_attention
 
 PIPELINE = [
     # First: identities (dropout off, same-shape views, clones) hide the patterns below.
@@ -30,6 +31,9 @@ PIPELINE = [
     # then ReLU and residual adds become their post-ops.
     prepack_convolutions,
     fuse_conv_epilogues,
+    # Attention written out by hand to the fused attention kernel (before fusion would claim
+    # its softmax).
+    rewrite_attention,
     # After the rewrites: they can expose duplicate ops on the same inputs.
     eliminate_common_subexpressions,
     # Last: sweeps what the rewrites left unused, and frees the constants they replaced.

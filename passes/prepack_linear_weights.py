@@ -26,7 +26,7 @@ def prepack_linear_weights(gm: fx.GraphModule) -> int:
         if operands is None:
             continue
         x, weight_node, bias_node = operands
-        weight = constant_value(weight_node).t().contiguous()  # [N, K], nn.Linear's layout
+        weight = constant_value(weight_node).t()  # [N, K], nn.Linear's layout (any strides)
         rows = tensor_meta(x).shape[0]
         packed = torch.ops.mkldnn._reorder_linear_weight(
             weight, rows if isinstance(rows, int) else None)
