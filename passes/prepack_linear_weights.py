@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.fx as fx
 
@@ -26,10 +28,7 @@ def prepack_linear_weights(gm: fx.GraphModule) -> int:
         if operands is None:
             continue
         x, weight_node, bias_node = operands
-        weight = constant_value(weight_node).t()  # [N, K], nn.Linear's layout (any strides)
-        rows = tensor_meta(x).shape[0]
-        packed = torch.ops.mkldnn._reorder_linear_weight(
-            weight, rows if isinstance(rows, int) else None)
+        packed = _packed(constant_value(weight_node).t())  # [N, K]: nn.Linear's layout
         packed_node = add_constant(gm, packed, node.name + "_packed", node)
         with gm.graph.inserting_before(node):
             linear = gm.graph.call_function(LINEAR, (x, packed_node, bias_node, "none", [], ""))
@@ -38,6 +37,28 @@ def prepack_linear_weights(gm: fx.GraphModule) -> int:
         gm.graph.erase_node(node)
         rewrites += 1
     return rewrites
+
+
+# Packed copies by source weight, shared by every graph compiled over the same weights (a
+# generation loop compiles prefill and decode graphs of one model): one reorder, one copy in
+# memory. Keyed by the tensor owning the storage (by identity: a weak reference drops the
+# entry with it); an entry is reused only for the same view at the same version.
+_PACKED: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's layout of `weight` for any batch size (a batch-size hint measured no faster)."""
+    owner = weight._base if weight._base is not None else weight
+    if owner.is_inference():  # no version counter to tell an in-place update: never shared
+        return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    entry = _PACKED.get(id(owner))
+    if entry is None or entry[0]() is not owner:
+        entry = (weakref.ref(owner, lambda _, key=id(owner): _PACKED.pop(key, None)), {})
+        _PACKED[id(owner)] = entry
+    view = (tuple(weight.shape), weight.stride(), weight.storage_offset(), owner._version)
+    if view not in entry[1]:
+        entry[1][view] = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    return entry[1][view]
 
 
 def _linear_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:

@@ -85,3 +85,18 @@ def test_training_graphs_keep_aten_linear():
     x2 = x.detach().clone().requires_grad_()
     model(x2).sum().backward()
     assert_same(x.grad, x2.grad)
+
+
+def test_graphs_over_the_same_weights_share_one_packed_copy():
+    import importlib
+
+    prepack = importlib.import_module("jitopt.passes.prepack_linear_weights")
+    model = nn.Sequential(nn.Linear(16, 8)).eval()
+    fast = torch.compile(model, backend="jitopt")
+    with torch.no_grad():
+        for rows in (3, 1, 7):  # static 3, then 1 (specialized), then a symbolic batch
+            x = torch.randn(rows, 16)
+            assert_same(fast(x), model(x), atol=1e-5)
+    assert jitopt.counters["graphs"]["compiled_inference"] >= 2
+    owner, views = prepack._PACKED[id(model[0].weight)]
+    assert owner() is model[0].weight and len(views) == 1
