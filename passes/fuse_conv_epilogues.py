@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from jitopt.passes.graph_facts import is_op, is_output, tensor_meta
+from jitopt.passes.graph_facts import is_op, only_user, tensor_meta
 from jitopt.passes.prepack_convolutions import CONV
 
 aten = torch.ops.aten
@@ -21,13 +21,13 @@ def fuse_conv_epilogues(gm: fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if not (is_op(node, CONV) and node.args[7] == "none"):
             continue
-        user = _only_user(node)
+        user = only_user(node)
         if user is None:
             continue
         if is_op(user, aten.relu.default):
             fused += _replace(gm, user, CONV, (*node.args[:7], "relu", [], ""), node)
         elif is_op(user, aten.add.Tensor) and not user.kwargs and _addend(user, node):
-            last = _only_user(user)
+            last = only_user(user)
             relu = last if last is not None and is_op(last, aten.relu.default) else None
             x, weight, bias, padding, stride, dilation, groups = node.args[:7]
             args = (x, _addend(user, node), weight, bias, padding, stride, dilation, groups,
@@ -58,8 +58,3 @@ def _replace(gm: fx.GraphModule, last: fx.Node, target, args: tuple, conv: fx.No
         gm.graph.erase_node(dead)
     return 1
 
-
-def _only_user(node: fx.Node) -> fx.Node | None:
-    if is_output(node) or len(node.users) != 1:
-        return None
-    return next(iter(node.users))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from jitopt.passes.graph_facts import is_op, is_output
+from jitopt.passes.graph_facts import is_op, only_user
 from jitopt.passes.prepack_linear_weights import LINEAR
 
 aten = torch.ops.aten
@@ -58,15 +58,10 @@ def fuse_linear_epilogues(gm: fx.GraphModule) -> int:
 def _single_activation_user(node: fx.Node) -> tuple[fx.Node | None, fx.Node | None]:
     """(view or None, activation) when `node` flows only into one activation, else (None, None)."""
     view = None
-    user = _only_user(node)
+    user = only_user(node)
     if user is not None and is_op(user, *VIEWS):
-        view, user = user, _only_user(user)
+        view, user = user, only_user(user)
     if user is None or user.target not in POST_OPS or user.args[0] is not (view or node):
         return None, None
     return view, user
 
-
-def _only_user(node: fx.Node) -> fx.Node | None:
-    if is_output(node) or len(node.users) != 1:
-        return None
-    return next(iter(node.users))

@@ -47,6 +47,13 @@ def is_output(node: fx.Node) -> bool:
     return any(user.op == "output" for user in node.users)
 
 
+def only_user(node: fx.Node) -> fx.Node | None:
+    """The one node reading `node`'s value, when exactly one does and it is not returned."""
+    if is_output(node) or len(node.users) != 1:
+        return None
+    return next(iter(node.users))
+
+
 def static_shape(node: object) -> tuple[int, ...] | None:
     """The node's shape when every dimension is a plain int, else None."""
     val = node.meta.get("val") if isinstance(node, fx.Node) else None

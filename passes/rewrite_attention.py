@@ -7,7 +7,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from jitopt.passes.graph_facts import is_op, is_output, static_shape, tensor_meta
+from jitopt.passes.graph_facts import is_op, only_user, static_shape, tensor_meta
 from jitopt.passes.refresh_meta import refresh_meta_downstream
 
 aten = torch.ops.aten
@@ -59,14 +59,14 @@ def _match(softmax: fx.Node):
         return None
     q, k_t = _unflatten(qk.args[0]), _unflatten(qk.args[1])
     k = _untranspose(k_t)
-    probs = _only_user(softmax)
-    pv = _only_user(probs) if probs is not None and is_op(probs, *_VIEWS) else None
+    probs = only_user(softmax)
+    pv = only_user(probs) if probs is not None and is_op(probs, *_VIEWS) else None
     if k is None or q is None or pv is None or not is_op(pv, aten.bmm.default):
         return None
     if pv.args[0] is not probs:
         return None
     v = _unflatten(pv.args[1])
-    out = _only_user(pv)
+    out = only_user(pv)
     if v is None or out is None or not is_op(out, *_VIEWS):
         return None
     if not _shapes_fit(q, k, v, mask, softmax, out):
@@ -141,9 +141,6 @@ def _shapes_fit(q, k, v, mask, softmax, out) -> bool:
     return same and cpu and shapes
 
 
+
 def _single_use(node: fx.Node) -> bool:
-    return len(node.users) == 1 and not is_output(node)
-
-
-def _only_user(node: fx.Node) -> fx.Node | None:
-    return next(iter(node.users)) if _single_use(node) else None
+    return only_user(node) is not None
