@@ -12,6 +12,8 @@ import torch.fx as fx
 from torch._decomp import get_decompositions
 from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 
+from jitopt.passes.graph_facts import writes_input
+
 aten = torch.ops.aten
 
 # Deliberately short. The ATen target runs library kernels (matmul, convolution, norms,
@@ -68,7 +70,7 @@ def trace_inference(gm: fx.GraphModule,
     with enable_python_dispatcher(), fake_mode:
         traced = make_fx(gm, decomposition_table=DECOMPOSITIONS,
                          record_module_stack=True)(*fakes)
-    if any(n.op == "get_attr" or _writes(n) for n in traced.graph.nodes):
+    if any(n.op == "get_attr" or writes_input(n) for n in traced.graph.nodes):
         return None  # mutation or lifted constants: AOTAutograd functionalizes them
     traced.graph.eliminate_dead_code()  # make_fx keeps unused outputs, as AOTAutograd does not
     traced.recompile()
@@ -91,11 +93,6 @@ def _fakify(x: Any, fake_mode: Any) -> Any:
         return fake_mode.from_tensor(x, static_shapes=True)
     return fake_mode.from_tensor(x, symbolic_context=context, source=context.tensor_source,
                                  trace=False)
-
-
-def _writes(node: fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    return schema is not None and schema.is_mutable
 
 
 def unboxed(fn: Callable[[list], Any]) -> Callable[..., Any]:

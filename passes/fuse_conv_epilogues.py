@@ -26,11 +26,12 @@ def fuse_conv_epilogues(gm: fx.GraphModule) -> int:
             continue
         if is_op(user, aten.relu.default):
             fused += _replace(gm, user, CONV, (*node.args[:7], "relu", [], ""), node)
-        elif is_op(user, aten.add.Tensor) and not user.kwargs and _addend(user, node):
+        elif is_op(user, aten.add.Tensor) and not user.kwargs and (
+                other := _addend(user, node)) is not None:
             last = only_user(user)
             relu = last if last is not None and is_op(last, aten.relu.default) else None
             x, weight, bias, padding, stride, dilation, groups = node.args[:7]
-            args = (x, _addend(user, node), weight, bias, padding, stride, dilation, groups,
+            args = (x, other, weight, bias, padding, stride, dilation, groups,
                     "add", None, "relu" if relu else None, [], None)
             fused += _replace(gm, relu or user, CONV_ADD, args, node, extra=[user] if relu else [])
     return fused
