@@ -24,7 +24,7 @@ from jitopt.passes.fusible_ops import VIEWS
 from jitopt.errors import Declined
 from jitopt.codegen.kernel_ir import (
     REDUCTION_VAR, Buffer, Const, Expr, IndexValue, Kernel, Load, Op, Reduction, ReductionResult,
-    Size, Store, collapse_ranges, compute_dtype, outer_var)
+    Size, Store, collapse_ranges, compute_dtype, outer_var, provably_zero)
 
 aten = torch.ops.aten
 
@@ -224,7 +224,9 @@ def _linear(idx: Index, strides: Sequence[Size]) -> sympy.Expr:
 
 
 def _same(a: Size, b: Size) -> bool:
-    return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return provably_zero(sympy.sympify(a) - sympy.sympify(b))
 
 
 def _same_shape(a: Sequence[Size], b: Sequence[Size]) -> bool:

@@ -52,7 +52,7 @@ def lower_to_aten(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
 def trace_inference(gm: fx.GraphModule,
                     example_inputs: Sequence[Any]) -> fx.GraphModule | None:
     """Trace Dynamo's graph straight to ATen with make_fx when AOTAutograd has nothing to add:
-    no gradients, plain tensors, no constants on the module and no op that writes. Saves
+    no gradients, plain tensors, no constants but fresh ones and no op that writes. Saves
     AOTAutograd's metadata pass and functionalization, about half of capture time, and its
     runtime wrappers on every call. None when the graph needs AOTAutograd."""
     from torch._dispatch.python import enable_python_dispatcher
@@ -70,11 +70,22 @@ def trace_inference(gm: fx.GraphModule,
     with enable_python_dispatcher(), fake_mode:
         traced = make_fx(gm, decomposition_table=DECOMPOSITIONS,
                          record_module_stack=True)(*fakes)
-    if any(n.op == "get_attr" or writes_input(n) for n in traced.graph.nodes):
-        return None  # mutation or lifted constants: AOTAutograd functionalizes them
+    if any(writes_input(n) or (n.op == "get_attr" and not _fresh_constant(traced, n))
+           for n in traced.graph.nodes):
+        return None  # mutation or shared constants: AOTAutograd functionalizes them
     traced.graph.eliminate_dead_code()  # make_fx keeps unused outputs, as AOTAutograd does not
     traced.recompile()
     return traced
+
+
+def _fresh_constant(traced: fx.GraphModule, node: fx.Node) -> bool:
+    """A constant the traced code made itself (`torch.tensor([])` in Hugging Face's cache
+    setup) and only ever copies before use, so no call can change what the next one sees."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    value = getattr(traced, node.target, None)
+    return (type(value) is torch.Tensor and not isinstance(value, FakeTensor)
+            and all(u.target is aten.lift_fresh_copy.default for u in node.users))
 
 
 def _fakify(x: Any, fake_mode: Any) -> Any:
