@@ -1,4 +1,5 @@
-"""The CPU target: each fusion group becomes a generated C++ kernel, one library per graph."""
+"""The CPU target: each fusion group becomes a generated C++ kernel, and each attention call our
+attention kernel (cpp_attention.py); one library per graph."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from jitopt.codegen.cpp_attention import (
+    ATTENTION_PRELUDE, attention_groups, attention_node, attention_output_layout, attention_spec,
+    render_attention, render_attention_launcher)
 from jitopt.codegen.cpp_compiler import compile_library
 from jitopt.codegen.cpp_kernel import render_kernel, render_source
 from jitopt.codegen.fusion_target import (
     FusionTarget, layout_check, plan_kernels, returns_single, size_tuple, tensor_params)
 from jitopt.codegen.kernel_ir import Kernel
 from jitopt.codegen.lowering import KernelSignature
+from jitopt.debug import counters
 from jitopt.runtime.cpp_loader import HUGE_PAGE_MIN_BYTES, build_launcher, load_kernel
 
 
@@ -38,13 +43,29 @@ class CppTarget(FusionTarget):
     name = "cpp"
     device = "cpu"
 
+    def propose(self, gm: fx.GraphModule) -> list[list[fx.Node]]:
+        return super().propose(gm) + attention_groups(gm)
+
     def lower_all(self, partitions: dict[str, fx.GraphModule]) -> dict[str, Any]:
         """Lower every group, compile all kernels in one library (identical kernels once).
         A group that cannot be lowered maps to its exception (it then runs on ATen)."""
-        results, planned, kernels = plan_kernels(partitions, render_kernel)
-        if not planned:
+        attention = {name: gm for name, gm in partitions.items()
+                     if attention_node(gm) is not None}
+        fused = {name: gm for name, gm in partitions.items() if name not in attention}
+        results, planned, kernels = plan_kernels(fused, render_kernel)
+        attention_sources = {}
+        for name, gm in attention.items():
+            try:
+                spec = attention_spec(attention_node(gm))
+            except Exception as e:
+                results[name] = e
+                continue
+            attention_sources[name] = spec, render_attention(spec, f"attention_{name}")
+        if not planned and not attention_sources:
             return results
         source = render_source(kernels)
+        if attention_sources:
+            source += ATTENTION_PRELUDE + "".join(s for _, s in attention_sources.values())
         library = compile_library(source)
         for name, (kernel, signature, gm) in planned.items():
             fn = load_kernel(library, kernel.name, len(kernel.inputs) + len(kernel.outputs),
@@ -56,7 +77,20 @@ class CppTarget(FusionTarget):
                                                      (*layout[0], *layout[1])) else None
                        for layout in signature.outputs]
             results[name] = CppArtifact(launcher, kernel.name, source, launcher_source, layouts)
+        for name, (spec, _) in attention_sources.items():
+            results[name] = _attention_artifact(name, spec, partitions[name], library, source)
         return results
+
+
+def _attention_artifact(name: str, spec, gm: fx.GraphModule, library, source: str
+                        ) -> CppArtifact:
+    kernel_name = f"attention_{name}"
+    fn = load_kernel(library, kernel_name, 4 + (spec.mask_strides is not None), 0)
+    launcher_source = render_attention_launcher(f"launch_{kernel_name}", spec, gm)
+    launcher = build_launcher(launcher_source, f"launch_{kernel_name}", fn)
+    layout = (*attention_output_layout(spec), torch.float32, "cpu")
+    counters["kernels"]["cpp_attention"] += 1
+    return CppArtifact(launcher, kernel_name, source, launcher_source, [layout])
 
 
 def render_launcher(name: str, kernel: Kernel, signature: KernelSignature,
