@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import random
 import time
 import traceback
 from collections.abc import Callable
@@ -19,6 +20,9 @@ import torch
 from benchmarks.backends import Backend, Unavailable, all_backends
 from benchmarks.measure import PeakMemory, flops_of, summarize
 from benchmarks.models import MODELS, BenchModel
+
+
+SETTLE_S = 0.05  # pause before each timed call (see time_interleaved)
 
 
 def dynamo_counts() -> dict[str, int]:
@@ -112,8 +116,13 @@ def time_interleaved(bench: BenchModel, ready: list[Prepared], args: argparse.Na
     deadline = time.perf_counter() + args.max_seconds * max(len(ready), 1)
     rounds = 0
     while rounds < args.iterations and (rounds < 3 or time.perf_counter() < deadline):
-        for p in ready:
+        order = list(ready)
+        random.Random(rounds).shuffle(order)  # no column always follows the same neighbour
+        for p in order:
             use_forward(bench, p.forward)
+            # ONNX Runtime's and OpenVINO's thread pools keep spinning after a call; on two
+            # cores that steals from whichever backend runs next. Let them go idle first.
+            time.sleep(SETTLE_S)
             frames = counters["frames"]["total"]
             start = time.perf_counter()
             p.call()
