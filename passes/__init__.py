@@ -13,6 +13,7 @@ from jitopt.passes.prepack_convolutions import prepack_convolutions
 from jitopt.passes.prepack_linear_weights import prepack_linear_weights
 from jitopt.passes.remove_noops import remove_noops
 from jitopt.passes.rewrite_attention import rewrite_attention
+from jitopt.passes.rewrite_gelu_tanh import rewrite_gelu_tanh
 
 PIPELINE = [
     # First: identities (dropout off, same-shape views, clones) hide the patterns below.
@@ -23,6 +24,8 @@ PIPELINE = [
     # BatchNorm after conv / linear becomes new constant weights (needs fold_constants first).
     fold_conv_bn,
     fold_linear_bn,
+    # GPT-2's GELU written out becomes one op, which the linear epilogue below can take.
+    rewrite_gelu_tanh,
     # Frozen linear weights onto oneDNN, packed once (after the BN folds, which match addmm).
     prepack_linear_weights,
     # Then activations right after such a linear become its post-op (before fusion claims them).
