@@ -241,11 +241,15 @@ static inline void jo_attn_scores_tile(int rows, const float* q, int64_t qs, con
 
 static inline void jo_attn_scores(int rows, const float* q, int64_t qs, const float* kt,
                                   int64_t ktn, int64_t dim, int64_t key_vectors, float* p) {
-  int64_t c = 0;
-  for (; c + 4 <= key_vectors; c += 4)
-    jo_attn_scores_tile<4>(rows, q, qs, kt + 16 * c, ktn, dim, p + 16 * c);
-  for (; c < key_vectors; ++c)
-    jo_attn_scores_tile<1>(rows, q, qs, kt + 16 * c, ktn, dim, p + 16 * c);
+  for (int64_t c = 0; c < key_vectors;) {
+    if (key_vectors - c >= 4) {
+      jo_attn_scores_tile<4>(rows, q, qs, kt + 16 * c, ktn, dim, p + 16 * c);
+      c += 4;
+    } else {
+      jo_attn_scores_tile<1>(rows, q, qs, kt + 16 * c, ktn, dim, p + 16 * c);
+      c += 1;
+    }
+  }
 }
 
 // Softmax of one score row in place over its `visible` keys (zeros up to `width`, so the

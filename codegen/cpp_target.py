@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 
 from jitopt.codegen.cpp_attention import (
-    ATTENTION_PRELUDE, attention_groups, attention_node, attention_output_layout, attention_spec,
+    ATTENTION_PRELUDE, AttentionSpec, attention_groups, attention_node, attention_output_layout, attention_spec,
     render_attention, render_attention_launcher)
 from jitopt.codegen.cpp_compiler import compile_library
 from jitopt.codegen.cpp_kernel import render_kernel, render_source
@@ -53,38 +53,51 @@ class CppTarget(FusionTarget):
                      if attention_node(gm) is not None}
         fused = {name: gm for name, gm in partitions.items() if name not in attention}
         results, planned, kernels = plan_kernels(fused, render_kernel)
-        attention_sources = {}
-        for name, gm in attention.items():
-            try:
-                spec = attention_spec(attention_node(gm))
-            except Exception as e:
-                results[name] = e
-                continue
-            attention_sources[name] = spec, render_attention(spec, f"attention_{name}")
-        if not planned and not attention_sources:
+        specs = _attention_specs(attention, results)
+        # Calls of one shape and layout (every layer of a transformer) share one kernel.
+        attention_kernels = {spec: f"attention_{k}"
+                             for k, spec in enumerate(dict.fromkeys(specs.values()))}
+        if not planned and not specs:
             return results
         source = render_source(kernels)
-        if attention_sources:
-            source += ATTENTION_PRELUDE + "".join(s for _, s in attention_sources.values())
+        if attention_kernels:
+            source += ATTENTION_PRELUDE + "".join(
+                render_attention(spec, name) for spec, name in attention_kernels.items())
         library = compile_library(source)
         for name, (kernel, signature, gm) in planned.items():
-            fn = load_kernel(library, kernel.name, len(kernel.inputs) + len(kernel.outputs),
-                             len(kernel.size_args))
-            launcher_source = render_launcher(f"launch_{kernel.name}", kernel, signature, gm)
-            launcher = build_launcher(launcher_source, f"launch_{kernel.name}", fn,
-                                      len(signature.outputs))
-            layouts = [(*layout, self.device) if all(isinstance(v, int) for v in
-                                                     (*layout[0], *layout[1])) else None
-                       for layout in signature.outputs]
-            results[name] = CppArtifact(launcher, kernel.name, source, launcher_source, layouts)
-        for name, (spec, _) in attention_sources.items():
-            results[name] = _attention_artifact(name, spec, partitions[name], library, source)
+            results[name] = self._fusion_artifact(kernel, signature, gm, library, source)
+        for name, spec in specs.items():
+            results[name] = _attention_artifact(attention_kernels[spec], spec, partitions[name],
+                                                library, source)
         return results
 
+    def _fusion_artifact(self, kernel: Kernel, signature: KernelSignature, gm: fx.GraphModule,
+                         library, source: str) -> CppArtifact:
+        fn = load_kernel(library, kernel.name, len(kernel.inputs) + len(kernel.outputs),
+                         len(kernel.size_args))
+        launcher_source = render_launcher(f"launch_{kernel.name}", kernel, signature, gm)
+        launcher = build_launcher(launcher_source, f"launch_{kernel.name}", fn,
+                                  len(signature.outputs))
+        layouts = [(*layout, self.device) if all(isinstance(v, int) for v in
+                                                 (*layout[0], *layout[1])) else None
+                   for layout in signature.outputs]
+        return CppArtifact(launcher, kernel.name, source, launcher_source, layouts)
 
-def _attention_artifact(name: str, spec, gm: fx.GraphModule, library, source: str
+
+def _attention_specs(attention: dict[str, fx.GraphModule], failed: dict[str, Exception]
+                     ) -> dict[str, AttentionSpec]:
+    """Each attention partition's spec; one that cannot have one goes to `failed`."""
+    specs = {}
+    for name, gm in attention.items():
+        try:
+            specs[name] = attention_spec(attention_node(gm))
+        except Exception as e:
+            failed[name] = e
+    return specs
+
+
+def _attention_artifact(kernel_name: str, spec: AttentionSpec, gm: fx.GraphModule, library, source: str
                         ) -> CppArtifact:
-    kernel_name = f"attention_{name}"
     fn = load_kernel(library, kernel_name, 4 + (spec.mask_strides is not None), 0)
     launcher_source = render_attention_launcher(f"launch_{kernel_name}", spec, gm)
     launcher = build_launcher(launcher_source, f"launch_{kernel_name}", fn)

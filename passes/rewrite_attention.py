@@ -1,4 +1,4 @@
-"""Attention written out by hand (matmul, scale, mask, softmax, matmul) to one fused kernel."""
+"""Attention written out by hand (matmul, scale, mask, softmax, matmul) to one fused call."""
 
 from __future__ import annotations
 
@@ -12,17 +12,20 @@ from jitopt.passes.refresh_meta import refresh_meta_downstream
 
 aten = torch.ops.aten
 SDPA = aten._scaled_dot_product_flash_attention_for_cpu.default
+SDPA_ANY_DEVICE = aten.scaled_dot_product_attention.default
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 _TRANSPOSED = ((2, 3), (3, 2), (-1, -2), (-2, -1), (2, -1), (-1, 2), (3, -2), (-2, 3))
 
 
 def rewrite_attention(gm: fx.GraphModule) -> int:
     """Rewrites softmax(q @ k^T * scale [+ mask]) @ v over [B, H, S, D] tensors (the ATen form of
-    Hugging Face's eager GPT-2, BERT and Llama attention, GQA's repeated heads included) to
-    ATen's fused CPU attention kernel, which never materializes the [S, S] scores. Safe: the
-    kernel computes the same softmax attention in fp32 with the same additive float mask and
-    scale; only float32 CPU tensors of one dtype, a last-dim softmax and a float mask
-    broadcastable to the scores match, and the intermediates must have no other user."""
+    Hugging Face's eager GPT-2, BERT and Llama attention, GQA's repeated heads included) to one
+    fused attention call that never materializes the [S, S] scores: ATen's CPU flash kernel on
+    CPU, `scaled_dot_product_attention` on CUDA (ATen then picks its flash, memory-efficient
+    or cuDNN kernel). Safe: both compute the same softmax attention with the same additive
+    float mask and scale, accumulating in fp32; only tensors of one float dtype on one device,
+    a last-dim softmax and a float mask broadcastable to the scores match, and the
+    intermediates must have no other user."""
     rewrites, changed = 0, set()
     for softmax in list(gm.graph.nodes):
         match = _match(softmax)
@@ -30,14 +33,8 @@ def rewrite_attention(gm: fx.GraphModule) -> int:
             continue
         q, k, v, mask, scale, out = match
         with gm.graph.inserting_before(out):
-            kwargs = {"attn_mask": mask} if mask is not None else {}
-            fused = gm.graph.call_function(SDPA, (q, k, v, 0.0, False), {**kwargs, "scale": scale})
-            result = gm.graph.call_function(operator.getitem, (fused, 0))
-        fake_args = fx.node.map_arg(((q, k, v, 0.0, False), {**kwargs, "scale": scale}),
-                                    lambda n: n.meta["val"])
-        with tensor_meta(q).fake_mode:
-            fused.meta["val"] = SDPA(*fake_args[0], **fake_args[1])
-        result.meta["val"] = fused.meta["val"][0]
+            result = (_fused_cpu if tensor_meta(q).device.type == "cpu" else _fused_cuda)(
+                gm.graph, q, k, v, mask, scale)
         out.replace_all_uses_with(result)
         changed.add(result)
         rewrites += 1
@@ -45,6 +42,30 @@ def rewrite_attention(gm: fx.GraphModule) -> int:
         gm.graph.eliminate_dead_code()
         refresh_meta_downstream(gm, changed)
     return rewrites
+
+
+def _fused_cpu(graph: fx.Graph, q, k, v, mask, scale) -> fx.Node:
+    kwargs = {"attn_mask": mask} if mask is not None else {}
+    fused = graph.call_function(SDPA, (q, k, v, 0.0, False), {**kwargs, "scale": scale})
+    result = graph.call_function(operator.getitem, (fused, 0))
+    fake_args = fx.node.map_arg(((q, k, v, 0.0, False), {**kwargs, "scale": scale}),
+                                lambda n: n.meta["val"])
+    with tensor_meta(q).fake_mode:
+        fused.meta["val"] = SDPA(*fake_args[0], **fake_args[1])
+    result.meta["val"] = fused.meta["val"][0]
+    return result
+
+
+def _fused_cuda(graph: fx.Graph, q, k, v, mask, scale) -> fx.Node:
+    result = graph.call_function(SDPA_ANY_DEVICE, (q, k, v),
+                                 {"attn_mask": mask, "dropout_p": 0.0, "scale": scale})
+    # Which kernel runs is ATen's choice at run time (it needs the GPU to ask), so the output
+    # layout is the one its CUDA kernels share: [B, Sq, H, Dv] memory seen as [B, H, Sq, Dv].
+    tq, tv = tensor_meta(q), tensor_meta(v)
+    batch, heads, queries, _ = tq.shape
+    with tq.fake_mode:
+        result.meta["val"] = tq.new_empty(batch, queries, heads, tv.shape[3]).transpose(1, 2)
+    return result
 
 
 def _match(softmax: fx.Node):
@@ -126,19 +147,23 @@ def _shapes_fit(q, k, v, mask, softmax, out) -> bool:
     tq, tk, tv, ts, to = (tensor_meta(n) for n in (q, k, v, softmax, out))
     if None in (tq, tk, tv, ts, to) or not all(static_shape(n) for n in (q, k, v, softmax)):
         return False  # symbolic sizes: comparing them here would specialize them
-    same = {t.dtype for t in (tq, tk, tv, ts)} == {torch.float32}
-    cpu = all(t.device.type == "cpu" for t in (tq, tk, tv))
+    devices = {t.device.type for t in (tq, tk, tv, ts)}
+    dtypes = {t.dtype for t in (tq, tk, tv, ts)}
+    # CPU: the float32 flash kernel. CUDA: every float type SDPA's kernels take.
+    same = len(dtypes) == 1 and (dtypes <= {torch.float32} if devices == {"cpu"} else
+                                 dtypes <= {torch.float32, torch.float16, torch.bfloat16})
+    one_device = devices in ({"cpu"}, {"cuda"})
     shapes = (tq.shape[:2] == tk.shape[:2] == tv.shape[:2] and tk.shape[2] == tv.shape[2]
               and tq.shape[3] == tk.shape[3] and list(to.shape) == [*tq.shape[:3], tv.shape[3]])
     if mask is not None:
         tm = tensor_meta(mask)
-        if tm is None or tm.dtype != torch.float32 or tm.dim() > 4:
+        if tm is None or tm.dtype != tq.dtype or tm.device != tq.device or tm.dim() > 4:
             return False
         try:
             torch.broadcast_shapes(tm.shape, ts.shape)
         except RuntimeError:
             return False
-    return same and cpu and shapes
+    return same and one_device and shapes
 
 
 

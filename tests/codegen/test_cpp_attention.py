@@ -125,3 +125,18 @@ def test_training_graph_keeps_atens_kernel_and_gradients():
     assert jitopt.counters["kernels"]["cpp_attention"] == 0
     for g, t in zip(grads, (q, k, v)):
         assert_same(g, t.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_layers_of_one_shape_share_one_kernel():
+    q, k, v = _heads(1, 2, 16, 32)
+
+    def two_layers(q, k, v):
+        first = _attention(q, k, v)
+        return _attention(first * 2, k, v)
+
+    got, kernels = _run(two_layers, q, k, v)
+    assert kernels == 2
+    assert_same(got, _eager_math(_eager_math(q, k, v) * 2, k, v), atol=2e-5, rtol=1e-4)
+    with torch.no_grad():
+        report = jitopt.explain(two_layers, q, k, v).graphs[0].aten[0]
+    assert "".join(report.kernel_sources).count('extern "C" void attention_') == 1
