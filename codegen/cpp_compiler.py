@@ -6,6 +6,7 @@ import functools
 import hashlib
 import os
 import shlex
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -83,21 +84,35 @@ def cache_key(source: str, cxx: str, build_flags: list[str]) -> str:
 
 def compile_library(source: str, cache: KernelCache | None = None) -> Path:
     """The path of a shared library built from `source` (from the cache when it is there)."""
-    cache = cache or KernelCache()
-    cxx, build_flags = compiler(), flags()
-    key = cache_key(source, cxx, build_flags)
-    found = cache.lookup(key, ".so")
-    if found is not None:
-        return found
-    with tempfile.TemporaryDirectory(prefix="jitopt-cxx-") as tmp:
-        src, out = Path(tmp) / "kernels.cpp", Path(tmp) / "kernels.so"
-        src.write_text(source)
-        command = [*shlex.split(cxx), str(src), "-o", str(out), *build_flags]
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.SubprocessError) as e:
-            raise CppCompileError(f"could not run the C++ compiler {cxx!r}: {e}") from e
-        if result.returncode != 0:
-            tail = "\n".join(result.stderr.strip().splitlines()[-15:])
-            raise CppCompileError(f"{cxx} failed on generated kernels:\n{tail}")
-        return cache.store(key, ".so", out.read_bytes())
+    build = LibraryBuild(source, cache)
+    return build.cached() or build.run()
+
+
+class LibraryBuild:
+    """One library to build: compiler, flags, cache and key fixed when it is made, so a build
+    run later in another thread uses what the caller's environment said."""
+
+    def __init__(self, source: str, cache: KernelCache | None = None) -> None:
+        self.source, self.cache = source, cache or KernelCache()
+        self.cxx, self.flags = compiler(), flags()
+        self.key = cache_key(source, self.cxx, self.flags)
+
+    def cached(self) -> Path | None:
+        return self.cache.lookup(self.key, ".so")
+
+    def run(self, background: bool = False) -> Path:
+        """Compile (seconds for a large graph) and store in the cache. `background`: at low
+        CPU priority, so the graph running meanwhile on ATen is not slowed by it."""
+        with tempfile.TemporaryDirectory(prefix="jitopt-cxx-") as tmp:
+            src, out = Path(tmp) / "kernels.cpp", Path(tmp) / "kernels.so"
+            src.write_text(self.source)
+            nice = ["nice", "-n", "10"] if background and shutil.which("nice") else []
+            command = [*nice, *shlex.split(self.cxx), str(src), "-o", str(out), *self.flags]
+            try:
+                result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+            except (OSError, subprocess.SubprocessError) as e:
+                raise CppCompileError(f"could not run the C++ compiler {self.cxx!r}: {e}") from e
+            if result.returncode != 0:
+                tail = "\n".join(result.stderr.strip().splitlines()[-15:])
+                raise CppCompileError(f"{self.cxx} failed on generated kernels:\n{tail}")
+            return self.cache.store(self.key, ".so", out.read_bytes())

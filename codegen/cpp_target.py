@@ -3,40 +3,50 @@ attention kernel (cpp_attention.py); one library per graph."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from jitopt.codegen.cpp_attention import (
-    ATTENTION_PRELUDE, AttentionSpec, attention_groups, attention_node, attention_output_layout, attention_spec,
-    render_attention, render_attention_launcher)
-from jitopt.codegen.cpp_compiler import compile_library
+    ATTENTION_PRELUDE, AttentionSpec, attention_groups, attention_node, attention_output_layout,
+    attention_spec, render_attention, render_attention_launcher)
+from jitopt.codegen.cpp_compiler import LibraryBuild
 from jitopt.codegen.cpp_kernel import render_kernel, render_source
 from jitopt.codegen.fusion_target import (
     FusionTarget, layout_check, plan_kernels, returns_single, size_tuple, tensor_params)
 from jitopt.codegen.kernel_ir import Kernel
 from jitopt.codegen.lowering import KernelSignature
 from jitopt.debug import counters
-from jitopt.runtime.cpp_loader import HUGE_PAGE_MIN_BYTES, build_launcher, load_kernel
+from jitopt.runtime.cpp_loader import (
+    HUGE_PAGE_MIN_BYTES, DeferredLauncher, build_launcher, load_kernel)
 
 
 @dataclasses.dataclass
 class CppArtifact:
     """A compiled group: the launcher the wrapper calls, and the source it came from."""
 
-    launcher: Callable[..., Any]
+    finish: Callable[[Path], Callable[..., Any]]  # built library -> launcher
     kernel_name: str
     library_source: str
     launcher_source: str
     output_layouts: list  # per output (shape, strides, dtype) when static, else None
+    launcher: Callable[..., Any] | None = None
     target = "cpp"
     source_suffix = "cpp"
 
     def __call__(self, *args: Any, **outputs: Any) -> Any:
         return self.launcher(*args, **outputs)
+
+    def defer(self, build: concurrent.futures.Future, fallback: Callable[..., Any]) -> None:
+        """Run `fallback` (the group's ATen ops) until `build` has made the library."""
+        self.launcher = DeferredLauncher(build, self.finish, fallback,
+                                         on_ready=lambda launcher: setattr(self, "launcher",
+                                                                           launcher))
 
 
 class CppTarget(FusionTarget):
@@ -46,9 +56,11 @@ class CppTarget(FusionTarget):
     def propose(self, gm: fx.GraphModule) -> list[list[fx.Node]]:
         return super().propose(gm) + attention_groups(gm)
 
-    def lower_all(self, partitions: dict[str, fx.GraphModule]) -> dict[str, Any]:
+    def lower_all(self, partitions: dict[str, fx.GraphModule], *,
+                  background: bool = False) -> dict[str, Any]:
         """Lower every group, compile all kernels in one library (identical kernels once).
-        A group that cannot be lowered maps to its exception (it then runs on ATen)."""
+        A group that cannot be lowered maps to its exception (it then runs on ATen).
+        `background`: g++ runs in a thread, the groups run on ATen until it is done."""
         attention = {name: gm for name, gm in partitions.items()
                      if attention_node(gm) is not None}
         fused = {name: gm for name, gm in partitions.items() if name not in attention}
@@ -63,25 +75,55 @@ class CppTarget(FusionTarget):
         if attention_kernels:
             source += ATTENTION_PRELUDE + "".join(
                 render_attention(spec, name) for spec, name in attention_kernels.items())
-        library = compile_library(source)
-        for name, (kernel, signature, gm) in planned.items():
-            results[name] = self._fusion_artifact(kernel, signature, gm, library, source)
-        for name, spec in specs.items():
-            results[name] = _attention_artifact(attention_kernels[spec], spec, partitions[name],
-                                                library, source)
-        return results
+        artifacts = {name: self._fusion_artifact(kernel, signature, gm, source)
+                     for name, (kernel, signature, gm) in planned.items()}
+        artifacts.update({name: _attention_artifact(attention_kernels[spec], spec,
+                                                    partitions[name], source)
+                          for name, spec in specs.items()})
+        build = LibraryBuild(source)
+        library = build.cached()
+        if library is None and background:
+            pending = _background_builds().submit(build.run, background=True)
+            for name, artifact in artifacts.items():
+                artifact.defer(pending, partitions[name])
+        else:
+            library = library or build.run()
+            for artifact in artifacts.values():
+                artifact.launcher = artifact.finish(library)
+        return {**results, **artifacts}
 
     def _fusion_artifact(self, kernel: Kernel, signature: KernelSignature, gm: fx.GraphModule,
-                         library, source: str) -> CppArtifact:
-        fn = load_kernel(library, kernel.name, len(kernel.inputs) + len(kernel.outputs),
-                         len(kernel.size_args))
-        launcher_source = render_launcher(f"launch_{kernel.name}", kernel, signature, gm)
-        launcher = build_launcher(launcher_source, f"launch_{kernel.name}", fn,
-                                  len(signature.outputs))
+                         source: str) -> CppArtifact:
+        name = f"launch_{kernel.name}"
+        launcher_source = render_launcher(name, kernel, signature, gm)
+        pointers = len(kernel.inputs) + len(kernel.outputs)
+
+        def finish(library: Path) -> Callable[..., Any]:
+            fn = load_kernel(library, kernel.name, pointers, len(kernel.size_args))
+            return build_launcher(launcher_source, name, fn, len(signature.outputs))
+
         layouts = [(*layout, self.device) if all(isinstance(v, int) for v in
                                                  (*layout[0], *layout[1])) else None
                    for layout in signature.outputs]
-        return CppArtifact(launcher, kernel.name, source, launcher_source, layouts)
+        return CppArtifact(finish, kernel.name, source, launcher_source, layouts)
+
+
+_builds: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _background_builds() -> concurrent.futures.ThreadPoolExecutor:
+    """One thread running g++ for graphs compiled in the background (g++ itself is the work;
+    more at once would only compete with the graphs running meanwhile on two cores)."""
+    global _builds
+    if _builds is None:
+        _builds = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jitopt-g++")
+    return _builds
+
+
+def finish_background_builds(timeout: float | None = None) -> None:
+    """Wait for every background kernel build started so far (see Config.background_compile)."""
+    if _builds is not None:
+        _builds.submit(lambda: None).result(timeout)
 
 
 def _attention_specs(attention: dict[str, fx.GraphModule], failed: dict[str, Exception]
@@ -96,14 +138,18 @@ def _attention_specs(attention: dict[str, fx.GraphModule], failed: dict[str, Exc
     return specs
 
 
-def _attention_artifact(kernel_name: str, spec: AttentionSpec, gm: fx.GraphModule, library, source: str
-                        ) -> CppArtifact:
-    fn = load_kernel(library, kernel_name, 4 + (spec.mask_strides is not None), 0)
-    launcher_source = render_attention_launcher(f"launch_{kernel_name}", spec, gm)
-    launcher = build_launcher(launcher_source, f"launch_{kernel_name}", fn)
+def _attention_artifact(kernel_name: str, spec: AttentionSpec, gm: fx.GraphModule,
+                        source: str) -> CppArtifact:
+    name = f"launch_{kernel_name}"
+    launcher_source = render_attention_launcher(name, spec, gm)
+
+    def finish(library: Path) -> Callable[..., Any]:
+        fn = load_kernel(library, kernel_name, 4 + (spec.mask_strides is not None), 0)
+        return build_launcher(launcher_source, name, fn)
+
     layout = (*attention_output_layout(spec), torch.float32, "cpu")
     counters["kernels"]["cpp_attention"] += 1
-    return CppArtifact(launcher, kernel_name, source, launcher_source, [layout])
+    return CppArtifact(finish, kernel_name, source, launcher_source, [layout])
 
 
 def render_launcher(name: str, kernel: Kernel, signature: KernelSignature,

@@ -48,7 +48,10 @@ class FusionTarget:
             raise result
         return result
 
-    def lower_all(self, partitions: dict[str, fx.GraphModule]) -> dict[str, Any]:
+    def lower_all(self, partitions: dict[str, fx.GraphModule], *,
+                  background: bool = False) -> dict[str, Any]:
+        """Each partition's artifact, or the exception that kept it on ATen. `background`:
+        the artifacts may finish building after this returns (running ATen until then)."""
         raise NotImplementedError
 
 

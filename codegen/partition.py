@@ -32,13 +32,16 @@ class _Supports(OperatorSupportBase):
         return node.op == "call_function" and self.target.supports(node)
 
 
-def partition_graph(gm: fx.GraphModule, targets: Sequence[str], *, on_error: str
+def partition_graph(gm: fx.GraphModule, targets: Sequence[str], *, on_error: str,
+                    background: bool = False
                     ) -> tuple[dict[str, object], list[PartitionRecord]]:
     """Carve partitions for each non-ATen target (in preference order) out of `gm`, in place.
 
     Returns the lowered artifact per submodule name, and a record per partition. What no
     target takes stays as plain ATen nodes, run inline by the wrapper. Only `gm.graph` is
-    meaningful afterwards (the wrapper is generated from it); call gm.recompile() to run gm."""
+    meaningful afterwards (the wrapper is generated from it); call gm.recompile() to run gm.
+    `background`: targets that build with an external compiler may finish after returning,
+    running the partition's ATen ops until then."""
     artifacts: dict[str, object] = {}
     records: list[PartitionRecord] = []
     for name in targets:
@@ -54,7 +57,7 @@ def partition_graph(gm: fx.GraphModule, targets: Sequence[str], *, on_error: str
             new_name = "".join(c if c.isalnum() else "_" for c in f"{name}_{sub_name}")
             _rename_submodule(gm, sub_name, new_name)
             subs[new_name] = sub
-        lowered = _lower_all(target, subs, on_error)
+        lowered = _lower_all(target, subs, on_error, background)
         for new_name, (artifact, record) in lowered.items():
             records.append(record)
             if record.target == target.name:
@@ -80,13 +83,13 @@ def _carve(gm: fx.GraphModule, target: Target) -> None:
     partitioner.fuse_partitions(partitioner.propose_partitions())
 
 
-def _lower_all(target: Target, subs: dict[str, fx.GraphModule], on_error: str
-               ) -> dict[str, tuple[object, PartitionRecord]]:
+def _lower_all(target: Target, subs: dict[str, fx.GraphModule], on_error: str,
+               background: bool) -> dict[str, tuple[object, PartitionRecord]]:
     """Lower the partitions (together when the target can: one compiler run for a graph);
     each one that fails runs its ATen ops instead."""
     if hasattr(target, "lower_all"):
         try:
-            results = target.lower_all(subs)
+            results = target.lower_all(subs, background=background)
         except Exception as e:
             results = dict.fromkeys(subs, e)
     else:

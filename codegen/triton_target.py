@@ -95,9 +95,11 @@ class TritonTarget(FusionTarget):
         self.device = device
         self.configs = tuple(configs) if configs is not None else None
 
-    def lower_all(self, partitions: dict[str, fx.GraphModule]) -> dict[str, Any]:
+    def lower_all(self, partitions: dict[str, fx.GraphModule], *,
+                  background: bool = False) -> dict[str, Any]:
         """Lower every group into one module of kernels (identical kernels once). A group that
-        cannot be lowered maps to its exception (it then runs on ATen)."""
+        cannot be lowered maps to its exception (it then runs on ATen). Triton builds each
+        kernel at its first launch, so `background` changes nothing here."""
         reason = triton_unavailable()
         if reason is not None:
             return {name: Declined(reason) for name in partitions}

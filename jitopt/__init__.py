@@ -28,6 +28,7 @@ _PUBLIC = {
     "Config": "jitopt.config",
     "optimize": "jitopt.api",
     "for_inference": "jitopt.api",
+    "finish_compiles": "jitopt.api",
     "explain": "jitopt.explain",
     "ExplainReport": "jitopt.explain",
     "counters": "jitopt.debug",

@@ -63,3 +63,12 @@ class _InferenceModule(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with torch.inference_mode():
             return self._compiled(*args, **kwargs)
+
+
+def finish_compiles(timeout: float | None = None) -> None:
+    """Wait until every generated kernel started building in the background is built, so the
+    calls that follow run it (see the `background_compile` option). For benchmarks and
+    services that warm up before taking traffic."""
+    from jitopt.codegen.cpp_target import finish_background_builds
+
+    finish_background_builds(timeout)

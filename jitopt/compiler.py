@@ -195,7 +195,9 @@ def _lower(gm: fx.GraphModule, kind: str, config: Config, report: AtenGraphRepor
     for r in records:
         counters["passes"][r.name] += r.changed
     report.passes = [vars(r) for r in records]
-    artifacts, partitions = partition_graph(gm, config.targets, on_error=config.on_error)
+    artifacts, partitions = partition_graph(
+        gm, config.targets, on_error=config.on_error,
+        background=config.background_compile and config.on_error != "raise")
     report.partitions = [vars(p) for p in partitions]
     report.fallbacks += [f"partition {p.name}: {p.fallback_reason}" for p in partitions
                          if p.fallback_reason]

@@ -40,6 +40,13 @@ class Config:
     debug_dir: str | None = None
     """Write numbered graph dumps and generated source here. Default from JITOPT_DEBUG_DIR."""
 
+    background_compile: bool = True
+    """Build generated C++ in a background thread: until the compiler finishes, those
+    partitions run their ATen ops, so the first call does not wait for g++
+    (`jitopt.finish_compiles()` waits for it). A build that fails leaves them on ATen with one
+    warning. Off, or with on_error="raise", the compile waits for the build. Default from
+    JITOPT_BACKGROUND_COMPILE ("0" turns it off) when set."""
+
     verify: Literal["end", "each"] = "end"
     """Check the graph invariants (passes/README.md) after the whole pipeline, or after each
     pass (slower, points at the pass that broke one)."""
@@ -47,7 +54,7 @@ class Config:
     def __post_init__(self) -> None:
         _check_choice("on_error", self.on_error, ON_ERROR_CHOICES)
         _check_choice("verify", self.verify, VERIFY_CHOICES)
-        for name in ("freeze_weights", "autotune"):
+        for name in ("freeze_weights", "autotune", "background_compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"jitopt option {name!r} must be True or False, "
                                  f"got {getattr(self, name)!r}")
@@ -95,6 +102,8 @@ def _environment_defaults() -> dict[str, Any]:
     env: dict[str, Any] = {}
     if os.environ.get("JITOPT_ON_ERROR"):
         env["on_error"] = os.environ["JITOPT_ON_ERROR"]
+    if os.environ.get("JITOPT_BACKGROUND_COMPILE"):
+        env["background_compile"] = os.environ["JITOPT_BACKGROUND_COMPILE"] != "0"
     if os.environ.get("JITOPT_DEBUG_DIR"):
         env["debug_dir"] = os.environ["JITOPT_DEBUG_DIR"]
     return env

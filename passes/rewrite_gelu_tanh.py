@@ -44,6 +44,8 @@ def rewrite_gelu_tanh(gm: fx.GraphModule) -> int:
     a oneDNN linear takes as its post-op and fusion sees as one op. Safe: ATen's tanh-GELU is
     this formula with these constants; only floating point rounding order differs, and the
     intermediates must have no other user (the matcher checks that)."""
+    if not any(n.target is aten.tanh.default for n in gm.graph.nodes):
+        return 0  # the matcher costs tens of milliseconds on a large graph
     replaced = replace_pattern_with_filters(gm, _traced(_written_out), _traced(_one_op),
                                             match_filters=[_on_floats], ignore_literals=False)
     for match in replaced:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import os
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from jitopt.errors import JitoptFallbackWarning
 
 
 def load_kernel(path: Path, name: str, pointers: int, sizes: int) -> Callable[..., None]:
@@ -111,3 +115,52 @@ def build_launcher(source: str, name: str, kernel: Callable[..., None],
     namespace.update({f"recycled{k}": RecycledOutput() for k in range(outputs)})
     exec(compile(source, f"<jitopt launcher {name}>", "exec"), namespace)
     return namespace[name]
+
+
+class DeferredLauncher:
+    """A kernel whose library the compiler is still building in the background: calls run the
+    partition's ATen ops (`fallback`) until the build is done, then the launcher `finish`
+    makes from the built library. A failed build warns once and keeps the ATen ops."""
+
+    def __init__(self, build: "concurrent.futures.Future[Path]",
+                 finish: Callable[[Path], Callable[..., Any]],
+                 fallback: Callable[..., Any], on_ready: Callable[[Callable[..., Any]], None]
+                 ) -> None:
+        self.build, self.finish, self.fallback, self.on_ready = build, finish, fallback, on_ready
+        self.lock = threading.Lock()
+        self.launcher: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any, **outputs: Any) -> Any:
+        if self.launcher is None and not self.build.done():
+            return self._run_fallback(args)  # the memory plan's `outputs` are not used
+        return self._ready()(*args, **outputs)
+
+    def _run_fallback(self, args: tuple) -> Any:
+        """The ATen ops' results, each in its own memory as a kernel's would be: the memory
+        plan reuses a kernel output's buffer after its last use, so one that is a view of an
+        input or of another output must be copied."""
+        result = self.fallback(*args)
+        single = not isinstance(result, tuple)
+        taken = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        fresh = []
+        for out in (result,) if single else result:
+            if isinstance(out, torch.Tensor):
+                if out.untyped_storage().data_ptr() in taken:
+                    out = out.clone()
+                taken.add(out.untyped_storage().data_ptr())
+            fresh.append(out)
+        return fresh[0] if single else tuple(fresh)
+
+    def _ready(self) -> Callable[..., Any]:
+        with self.lock:
+            if self.launcher is None:
+                try:
+                    self.launcher = self.finish(self.build.result())
+                except Exception as e:
+                    warnings.warn(f"jitopt: building generated kernels in the background "
+                                  f"failed; those partitions keep running on ATen: "
+                                  f"{type(e).__name__}: {e}", JitoptFallbackWarning,
+                                  stacklevel=3)
+                    self.launcher = lambda *args, **outputs: self._run_fallback(args)
+                self.on_ready(self.launcher)
+            return self.launcher
