@@ -101,7 +101,7 @@ def _exported(factory: Callable[..., Any]) -> Prepare:
 
 
 def all_backends() -> dict[str, Backend]:
-    from jitopt.config import PRESETS
+    from jitopt.config import PRESETS, QUANTIZE_IMPLEMENTED
 
     # "dynamo" (Dynamo capture, graphs run eagerly) shows what the capture alone costs every
     # torch.compile backend; running it first also takes Dynamo's one-time warm-up off the
@@ -112,6 +112,9 @@ def all_backends() -> dict[str, Backend]:
         name = "jitopt" if mode == "default" else f"jitopt-{mode}"
         backends.append(Backend(name, torch_compile(
             backend="jitopt", mode=None if mode == "default" else mode)))
+    for mode in QUANTIZE_IMPLEMENTED:  # each implemented quantize= mode, against fp32 eager
+        backends.append(Backend(f"jitopt-{mode}", torch_compile(
+            backend="jitopt", options={"quantize": mode})))
     backends.append(Backend("quantize-dynamic-int8", quantize_dynamic))
     try:
         from benchmarks.peers import PEERS

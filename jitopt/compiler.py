@@ -19,7 +19,7 @@ from jitopt.codegen.python_wrapper import render_wrapper
 from jitopt.config import Config, resolve
 from jitopt.debug import DumpDir, counters, log
 from jitopt.errors import JitoptFallbackWarning
-from jitopt.passes import INFERENCE_ONLY, PIPELINE, run_passes
+from jitopt.passes import INFERENCE_ONLY, PIPELINE, QUANTIZE_PASSES, run_passes
 from jitopt.passes.constants import meta_like
 from jitopt.passes.graph_facts import is_mutated
 from jitopt.report import AtenGraphReport, GraphReport, discard_graph_report, new_graph_report
@@ -188,10 +188,12 @@ def _lower(gm: fx.GraphModule, kind: str, config: Config, report: AtenGraphRepor
     report.ops_captured = _count_ops(gm)
     dump.write("captured.py", lazy=lambda: gm.print_readable(print_output=False))
     passes = [p for p in PIPELINE if p.__name__ not in config.disabled_passes
-              and (kind == "inference" or p not in INFERENCE_ONLY)]
+              and (kind == "inference" or p not in INFERENCE_ONLY)
+              and (p not in QUANTIZE_PASSES.values() or QUANTIZE_PASSES.get(config.quantize) is p)]
     with capture.real_tensors():
         records = run_passes(gm, passes, verify_each=config.verify == "each",
                              dump=lambda name, text: dump.write(name, lazy=text))
+    report.quantized_layers = gm.meta.get("quantized_layers", [])
     for r in records:
         counters["passes"][r.name] += r.changed
     report.passes = [vars(r) for r in records]

@@ -53,6 +53,9 @@ def _graph_lines(g: GraphReport) -> list[str]:
         for p in a.passes:
             lines.append(f"    pass {p['name']:<34} changed {p['changed']:>4}   "
                          f"{p['seconds'] * 1e3:7.2f} ms")
+        for q in a.quantized_layers:
+            lines.append(f"    quantized {q['layer']} {q['shape']} to {q['mode']}: weight SQNR "
+                         f"{q['weight_sqnr_db']:.1f} dB")
         for p in a.partitions:
             why = (f" (fell back: {p['fallback_reason']})" if p["fallback_reason"] else
                    f" (declined: {p['declined_reason']})" if p.get("declined_reason") else "")

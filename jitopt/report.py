@@ -22,6 +22,8 @@ class AtenGraphReport:
     seconds: float = 0.0
     wrapper_source: str = ""
     kernel_sources: list[str] = dataclasses.field(default_factory=list)  # generated libraries
+    # Per quantized layer: its name, mode, [N, K] shape and the weight's SQNR in dB.
+    quantized_layers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

@@ -24,7 +24,7 @@ def prepack_linear_weights(gm: fx.GraphModule) -> int:
         return 0
     rewrites = 0
     for node in list(gm.graph.nodes):
-        operands = _linear_operands(node)
+        operands = linear_operands(node)
         if operands is None:
             continue
         x, weight_node, bias_node = operands
@@ -61,7 +61,7 @@ def _packed(weight: torch.Tensor) -> torch.Tensor:
     return entry[1][view]
 
 
-def _linear_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
+def linear_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
     """(x, weight, bias) of `addmm(bias, x, weight)` or `mm(x, weight)` when oneDNN can take it:
     a frozen 2-D float32 CPU weight, a 1-D frozen bias, no alpha/beta scaling."""
     if is_op(node, aten.addmm.default) and not node.kwargs:

@@ -23,7 +23,7 @@ def refresh_meta_downstream(gm: fx.GraphModule, changed: set[fx.Node]) -> None:
         if not any(a in changed for a in node.all_input_nodes):
             continue
         args, kwargs = fx.node.map_arg((node.args, node.kwargs),
-                                       lambda a: _fake_value(a, fake_mode))
+                                       lambda a: fake_value(a, fake_mode))
         try:
             with fake_mode:
                 node.meta["val"] = node.target(*args, **kwargs)
@@ -32,7 +32,8 @@ def refresh_meta_downstream(gm: fx.GraphModule, changed: set[fx.Node]) -> None:
         changed.add(node)
 
 
-def _fake_value(node: fx.Node, fake_mode) -> object:
+def fake_value(node: fx.Node, fake_mode) -> object:
+    """A fake tensor for `node`: its meta value, or for a constant one made from its data."""
     if is_constant(node):
         value = constant_value(node)
         return fake_mode.from_tensor(value) if value.layout == torch.strided else value

@@ -1,0 +1,74 @@
+"""quantize="int8": linears over frozen weights to per-token x per-channel int8 products,
+checked against the eager reference quantizer and against fp32."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from reference_quantizer import quantize_int8_reference
+
+import jitopt
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 32, bias=False)).eval()
+
+
+def _compile_int8(model, x):
+    with torch.no_grad():
+        return torch.compile(model, backend="jitopt", options={"quantize": "int8"})(x)
+
+
+@pytest.mark.parametrize("shape", [(16, 64), (2, 7, 64)])
+def test_matches_the_reference_quantizer_and_stays_close_to_fp32(shape):
+    model, x = _mlp(), torch.randn(*shape) * 2
+    got = _compile_int8(model, x)
+    with torch.no_grad():
+        reference, fp32 = quantize_int8_reference(model)(x), model(x)
+    assert jitopt.counters["passes"]["quantize_linear_int8"] == 2
+    # Same quantization as the oracle: only float rounding order differs.
+    torch.testing.assert_close(got, reference, atol=1e-4, rtol=1e-4)
+    assert F.cosine_similarity(got.flatten(), fp32.flatten(), 0) > 0.999
+
+
+def test_explain_reports_each_layer_and_its_weight_sqnr():
+    model, x = _mlp(), torch.randn(8, 64)
+    with torch.no_grad():
+        report = jitopt.explain(model, x, quantize="int8")
+    layers = report.graphs[0].aten[0].quantized_layers
+    assert [q["shape"] for q in layers] == [[256, 64], [32, 256]]
+    assert all(q["mode"] == "int8" and 35 < q["weight_sqnr_db"] < 60 for q in layers)
+    assert "weight SQNR" in str(report)
+
+
+def test_all_zero_rows_stay_zero():
+    model, x = _mlp(), torch.randn(4, 64)
+    x[1] = 0
+    got = _compile_int8(model, x)
+    with torch.no_grad():
+        want = quantize_int8_reference(model)(x)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_off_by_default_and_in_training():
+    model, x = _mlp(), torch.randn(4, 64)
+    with torch.no_grad():
+        torch.compile(model, backend="jitopt")(x)
+    assert jitopt.counters["passes"]["quantize_linear_int8"] == 0
+    torch._dynamo.reset()
+    x.requires_grad_()
+    out = torch.compile(model, backend="jitopt", options={"quantize": "int8"})(x)
+    out.sum().backward()
+    assert jitopt.counters["passes"]["quantize_linear_int8"] == 0
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("int4-weight-only", "not implemented yet"),
+    ("int9", "valid choices are"),
+])
+def test_unknown_or_unimplemented_modes_are_clear_errors(mode, message):
+    with pytest.raises(ValueError, match=message):
+        jitopt.Config.from_options({"quantize": mode})

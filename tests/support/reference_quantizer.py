@@ -1,0 +1,44 @@
+"""An eager reference for jitopt's quantize= modes, by module swap: the oracle the compiled
+quantized graphs are checked against (they must match it closely, and both must be close to
+fp32)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+INT8_MAX = 127.0
+MIN_SCALE = 1e-12
+
+
+class Int8DynamicLinear(nn.Module):
+    """nn.Linear as quantize="int8" computes it: per-output-channel symmetric int8 weights,
+    per-row (token) symmetric int8 activations scaled at run time, an exact integer product
+    (float64 holds these sums exactly), then both scales and the bias."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach()
+        self.w_scale = (w.abs().amax(dim=1) / INT8_MAX).clamp_min(MIN_SCALE)
+        self.wq = torch.round(w / self.w_scale[:, None]).clamp(-INT8_MAX, INT8_MAX)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_scale = (x.abs().amax(dim=-1, keepdim=True).clamp_min(MIN_SCALE) / INT8_MAX)
+        xq = torch.round(x / x_scale).clamp(-INT8_MAX, INT8_MAX)
+        product = (xq.double() @ self.wq.double().t()).float()
+        out = product * x_scale * self.w_scale
+        return out if self.bias is None else out + self.bias
+
+
+def quantize_int8_reference(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every nn.Linear swapped for Int8DynamicLinear."""
+    model = copy.deepcopy(model)
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(model, name, Int8DynamicLinear(child))
+        else:
+            setattr(model, name, quantize_int8_reference(child))
+    return model
