@@ -33,7 +33,7 @@ def quantize_linear_int8(gm: fx.GraphModule) -> int:
         x, weight_node, bias_node = operands
         weight = constant_value(weight_node)  # [K, N]
         wq, w_scale = quantize_per_channel(weight.t())  # [N, K] int8, [N]
-        wq_node = add_constant(gm, wq, node.name + "_int8", node)
+        wq_node = add_constant(gm, wq.t(), node.name + "_int8", node)  # [K, N] view
         scale_node = add_constant(gm, w_scale, node.name + "_int8_scale", node)
         with gm.graph.inserting_before(node):
             out = _int8_linear(gm.graph, x, wq_node, scale_node, bias_node)
@@ -63,7 +63,8 @@ def weight_sqnr_db(weight: torch.Tensor, quantized: torch.Tensor, scale: torch.T
 
 def _int8_linear(graph: fx.Graph, x: fx.Node, wq: fx.Node, w_scale: fx.Node,
                  bias: fx.Node | None) -> fx.Node:
-    """y = _int_mm(round(x / sx), wq^T) * sx * sw (+ b), sx per row of x."""
+    """y = _int_mm(round(x / sx), wq) * sx * sw (+ b), sx per row of x; wq is [K, N], the
+    transpose of a row-major [N, K] (the layout _int_mm multiplies fastest)."""
     fake = tensor_meta(x)
     steps: list[fx.Node] = []
 
@@ -78,7 +79,7 @@ def _int8_linear(graph: fx.Graph, x: fx.Node, wq: fx.Node, w_scale: fx.Node,
     clamped = call(aten.clamp.default, rounded, -INT8_MAX, INT8_MAX)
     xq = graph.call_function(aten._to_copy.default, (clamped,), {"dtype": torch.int8})
     steps.append(xq)
-    acc = call(aten._int_mm.default, xq, call(aten.t.default, wq))  # [M, N] int32
+    acc = call(aten._int_mm.default, xq, wq)  # [M, N] int32
     as_float = graph.call_function(aten._to_copy.default, (acc,), {"dtype": torch.float32})
     steps.append(as_float)
     out = call(aten.mul.Tensor, call(aten.mul.Tensor, as_float, x_scale), w_scale)
