@@ -1,6 +1,8 @@
 """quantize="int8": linears over frozen weights to per-token x per-channel int8 products,
 checked against the eager reference quantizer and against fp32."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -72,3 +74,16 @@ def test_off_by_default_and_in_training():
 def test_unknown_or_unimplemented_modes_are_clear_errors(mode, message):
     with pytest.raises(ValueError, match=message):
         jitopt.Config.from_options({"quantize": mode})
+
+
+@pytest.mark.parametrize("layout", ["NK", "KN"])
+def test_either_weight_layout_gives_the_same_answer(layout, monkeypatch):
+    module = importlib.import_module("jitopt.passes.quantize_linear_int8")
+    monkeypatch.setattr(module, "faster_weight_layout", lambda rows, n, k: layout)
+    model, x = _mlp(), torch.randn(16, 64)
+    got = _compile_int8(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(got, quantize_int8_reference(model)(x), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        report = jitopt.explain(model, x, quantize="int8")
+    assert {q["weight_layout"] for q in report.graphs[0].aten[0].quantized_layers} == {layout}
