@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from jitopt import capture
+from jitopt import capture, quantization_report
 from jitopt.codegen.partition import partition_graph
 from jitopt.codegen.python_wrapper import render_wrapper
 from jitopt.config import Config, resolve
@@ -65,9 +65,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any],
 
     def aten_compiler(kind: str):
         def compile_aten(aten_gm: fx.GraphModule, aot_inputs: Sequence[Any]):
-            frozen = weights if kind == "inference" and len(aot_inputs) == len(
-                example_inputs) else {}
-            return _compile_aten(aten_gm, kind, config, report, frozen)
+            # Dynamo's inputs are this graph's when nothing was added or dropped on the way.
+            same = kind == "inference" and len(aot_inputs) == len(example_inputs)
+            return _compile_aten(aten_gm, kind, config, report, weights if same else {},
+                                 list(example_inputs) if same else None)
         return compile_aten
 
     try:
@@ -96,13 +97,14 @@ def _capture(gm: fx.GraphModule, example_inputs: Sequence[Any],
 
 
 def _compile_aten(aten_gm: fx.GraphModule, kind: str, config: Config, graph: GraphReport,
-                  weights: dict[int, torch.Tensor]) -> Callable[..., Any]:
+                  weights: dict[int, torch.Tensor],
+                  examples: list[Any] | None = None) -> Callable[..., Any]:
     report = AtenGraphReport(kind)
     graph.aten.append(report)
     start = time.perf_counter()
     try:
         variants = _FrozenVariants(aten_gm, kind, config, report)
-        return variants.build(weights)
+        return variants.build(weights, examples)
     except Exception as e:
         if capture.is_dynamo_restart(e):
             raise
@@ -124,17 +126,23 @@ class _FrozenVariants:
         self.variants: list[CompiledGraph] = []
         self.unfrozen: CompiledGraph | None = None
 
-    def build(self, weights: dict[int, torch.Tensor]) -> CompiledGraph:
+    def build(self, weights: dict[int, torch.Tensor],
+              examples: list[Any] | None = None) -> CompiledGraph:
         self.weight_inputs = sorted(weights)
         gm = fx.GraphModule(self.original, copy.deepcopy(self.original.graph))
         frozen = _freeze_inputs(gm, weights)
         self.report.frozen_inputs = len(frozen)
+        measuring = self.config.quantize is not None and examples is not None
+        reference = fx.GraphModule(gm, copy.deepcopy(gm.graph)) if measuring else None
         dump = DumpDir(self.config.debug_dir, self.kind)
         wrapper = _lower(gm, self.kind, self.config, self.report, dump)
         compiled = CompiledGraph(wrapper.source, wrapper.bindings, name=self.kind,
                                  frozen=frozen, on_stale=self.on_stale if frozen else None)
         if frozen:
             self.variants.append(compiled)
+        if measuring and self.report.quantized_layers:
+            self.report.quantization_error = quantization_report.measure(
+                reference, compiled, examples, self.report.quantized_layers)
         return compiled
 
     def on_stale(self, args: list) -> CompiledGraph:

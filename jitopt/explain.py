@@ -54,8 +54,14 @@ def _graph_lines(g: GraphReport) -> list[str]:
             lines.append(f"    pass {p['name']:<34} changed {p['changed']:>4}   "
                          f"{p['seconds'] * 1e3:7.2f} ms")
         for q in a.quantized_layers:
+            measured = (f", output SQNR {q['output_sqnr_db']:.1f} dB on the example inputs"
+                        if "output_sqnr_db" in q else "")
             lines.append(f"    quantized {q['layer']} {q['shape']} to {q['mode']}: weight SQNR "
-                         f"{q['weight_sqnr_db']:.1f} dB")
+                         f"{q['weight_sqnr_db']:.1f} dB{measured}")
+        error = a.quantization_error
+        if error and error.get("outputs"):
+            lines.append(f"    quantized graph against fp32 on the example inputs: cosine "
+                         f"{error['cosine']:.6f}, max abs error {error['max_abs_error']:.3g}")
         for p in a.partitions:
             why = (f" (fell back: {p['fallback_reason']})" if p["fallback_reason"] else
                    f" (declined: {p['declined_reason']})" if p.get("declined_reason") else "")

@@ -1,0 +1,90 @@
+"""How much a quantized compile changed the answers, measured on the example inputs: each
+quantized layer's output SQNR on the activations it really sees, and the end-to-end error of
+the compiled graph against the fp32 graph it came from."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from jitopt.passes.graph_facts import writes_input
+from jitopt.passes.quantize_linear_int8 import INT8_MAX, MIN_SCALE, quantize_per_channel
+
+
+def measure(reference: fx.GraphModule, compiled: Callable[[list], Any],
+            inputs: Sequence[Any], layers: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Fill each entry of `layers` with "output_sqnr_db" and return the end-to-end error
+    ({"cosine", "max_abs_error", "outputs"}); None when the inputs cannot be used (symbolic,
+    fake) or running the graph would write into them."""
+    if not all(_real(x) for x in inputs) or any(writes_input(n) for n in reference.graph.nodes):
+        return None
+    reference.recompile()
+    recorder = _Recorder(reference, {q["layer"] for q in layers})
+    with torch.no_grad():
+        want = recorder.run(*inputs)
+        got = compiled(list(inputs))
+    for q in layers:
+        if q["layer"] in recorder.seen:
+            q["output_sqnr_db"] = round(_layer_sqnr(*recorder.seen[q["layer"]]), 2)
+    return _end_to_end(want, got)
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the fp32 graph, keeping each named linear's operands and output."""
+
+    def __init__(self, gm: fx.GraphModule, names: set[str]) -> None:
+        super().__init__(gm)
+        self.names = names
+        self.seen: dict[str, tuple[tuple, torch.Tensor]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.names:
+            self.seen[n.name] = (self.map_nodes_to_values(n.args, n), out)
+        return out
+
+
+def _layer_sqnr(args: tuple, out: torch.Tensor) -> float:
+    """SQNR in dB of the int8 product against the fp32 one, for addmm(b, x, w) or mm(x, w)."""
+    bias, x, weight = args if len(args) == 3 else (None, *args)
+    wq, w_scale = quantize_per_channel(weight.t())
+    x_scale = x.abs().amax(-1, keepdim=True).clamp_min(MIN_SCALE) / INT8_MAX
+    xq = torch.round(x / x_scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    quantized = torch._int_mm(xq, wq.t()).float() * x_scale * w_scale
+    if bias is not None:
+        quantized = quantized + bias
+    return _sqnr_db(out, quantized)
+
+
+def _sqnr_db(signal: torch.Tensor, approx: torch.Tensor) -> float:
+    noise = (signal.double() - approx.double()).pow(2).sum().item()
+    power = signal.double().pow(2).sum().item()
+    return math.inf if noise == 0 else 10 * math.log10(max(power, 1e-300) / noise)
+
+
+def _end_to_end(want: Any, got: Any) -> dict[str, Any]:
+    pairs = [(w, g) for w, g in zip(_tensors(want), _tensors(got)) if w.is_floating_point()]
+    if not pairs:
+        return {"outputs": 0}
+    flat_w = torch.cat([w.detach().double().flatten() for w, _ in pairs])
+    flat_g = torch.cat([g.detach().double().flatten() for _, g in pairs])
+    cosine = torch.nn.functional.cosine_similarity(flat_w, flat_g, 0).item()
+    return {"outputs": len(pairs), "cosine": round(cosine, 6),
+            "max_abs_error": float((flat_w - flat_g).abs().max())}
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [v for v in values if isinstance(v, torch.Tensor)]
+
+
+def _real(x: Any) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(x, (torch.SymInt, torch.SymFloat, FakeTensor)):
+        return False
+    return not isinstance(x, torch.Tensor) or type(x) in (torch.Tensor, torch.nn.Parameter)

@@ -1,0 +1,68 @@
+"""A quantized compile measures what it changed on the example inputs: each layer's output
+SQNR and the whole graph's error against fp32."""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import jitopt
+
+
+def _report(model, *inputs):
+    with torch.no_grad():
+        return jitopt.explain(model, *inputs, quantize="int8")
+
+
+def test_layers_and_graph_are_measured_on_the_example_inputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)).eval()
+    x = torch.randn(16, 64)
+    aten = _report(model, x).graphs[0].aten[0]
+    with torch.no_grad():
+        got = torch.compile(model, backend="jitopt", options={"quantize": "int8"})(x)
+        want = model(x)
+    error = aten.quantization_error
+    assert error["outputs"] == 1
+    assert math.isclose(error["cosine"], F.cosine_similarity(got.flatten(), want.flatten(), 0)
+                        .item(), abs_tol=1e-6)
+    assert math.isclose(error["max_abs_error"], (got - want).abs().max().item(), rel_tol=1e-3)
+    for q in aten.quantized_layers:
+        # Activations add their own rounding: the output is never cleaner than the weight.
+        assert 20 < q["output_sqnr_db"] <= q["weight_sqnr_db"] + 3
+    assert "output SQNR" in str(_report(model, x))
+
+
+def test_first_layer_sqnr_matches_a_direct_computation():
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 48).eval()
+    x = torch.randn(8, 32)
+    (q,) = _report(linear, x).graphs[0].aten[0].quantized_layers
+    w_scale = linear.weight.abs().amax(1) / 127
+    wq = torch.round(linear.weight / w_scale[:, None])
+    x_scale = x.abs().amax(-1, keepdim=True) / 127
+    xq = torch.round(x / x_scale)
+    with torch.no_grad():
+        approx = (xq @ wq.t()) * x_scale * w_scale + linear.bias
+        exact = linear(x)
+    sqnr = 10 * math.log10(exact.pow(2).sum() / (exact - approx).pow(2).sum())
+    assert math.isclose(q["output_sqnr_db"], sqnr, abs_tol=0.05)
+
+
+def test_not_measured_where_running_would_write_the_inputs():
+    class Accumulate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(16, 16)
+
+        def forward(self, x, total):
+            total.add_(1)
+            return self.linear(x) + total
+
+    model, x, total = Accumulate().eval(), torch.randn(4, 16), torch.zeros(16)
+    before = total.clone()
+    aten = _report(model, x, total).graphs[0].aten[0]
+    assert aten.quantization_error is None
+    # explain runs the function (twice), never the measurement: two increments, not more.
+    torch.testing.assert_close(total, before + 2)
