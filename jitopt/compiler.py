@@ -134,6 +134,9 @@ class _FrozenVariants:
         self.report.frozen_inputs = len(frozen)
         measuring = self.config.quantize is not None and examples is not None
         reference = fx.GraphModule(gm, copy.deepcopy(gm.graph)) if measuring else None
+        if measuring and self.config.quantize_min_sqnr_db is not None:
+            gm.meta["quantize_keep"] = _over_budget(reference, examples,
+                                                    self.config.quantize_min_sqnr_db)
         dump = DumpDir(self.config.debug_dir, self.kind)
         wrapper = _lower(gm, self.kind, self.config, self.report, dump)
         compiled = CompiledGraph(wrapper.source, wrapper.bindings, name=self.kind,
@@ -161,6 +164,14 @@ class _FrozenVariants:
                      len(self.variants))
             self.unfrozen = self.build({})
         return self.unfrozen
+
+
+def _over_budget(reference: fx.GraphModule, examples: list[Any],
+                 min_sqnr_db: float) -> dict[str, str]:
+    """Layer name -> why it stays fp32, for each linear the int8 budget rules out."""
+    sqnrs = quantization_report.linear_sqnrs(reference, examples) or {}
+    return {name: f"output SQNR {db:.1f} dB on the example inputs is below the budget of "
+                  f"{min_sqnr_db:g} dB" for name, db in sqnrs.items() if db < min_sqnr_db}
 
 
 def _freeze_inputs(gm: fx.GraphModule, weights: dict[int, torch.Tensor]) -> list[FrozenInput]:

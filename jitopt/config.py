@@ -49,6 +49,11 @@ class Config:
     an int32 product; `jitopt.explain` lists each quantized layer with its weight's SQNR.
     Not exact: check the outputs against fp32 for your model. None: full precision."""
 
+    quantize_min_sqnr_db: float | None = None
+    """An accuracy budget for `quantize`: a layer whose output SQNR, measured on the example
+    inputs, would fall below this many dB stays in fp32 (explain says which and why). 30-40
+    dB keeps most models' outputs within 1e-3 relative; None quantizes every layer."""
+
     background_compile: bool = True
     """Build generated C++ in a background thread: until the compiler finishes, those
     partitions run their ATen ops, so the first call does not wait for g++
@@ -64,6 +69,15 @@ class Config:
         _check_choice("on_error", self.on_error, ON_ERROR_CHOICES)
         _check_choice("verify", self.verify, VERIFY_CHOICES)
         _check_quantize(self.quantize)
+        if self.quantize_min_sqnr_db is not None:
+            if isinstance(self.quantize_min_sqnr_db, bool) or not isinstance(
+                    self.quantize_min_sqnr_db, (int, float)):
+                raise ValueError("jitopt option 'quantize_min_sqnr_db' must be a number of dB "
+                                 f"or None, got {self.quantize_min_sqnr_db!r}")
+            if self.quantize is None:
+                raise ValueError("jitopt option 'quantize_min_sqnr_db' is a budget for "
+                                 "'quantize'; set quantize too (valid choices: "
+                                 f"{list(QUANTIZE_IMPLEMENTED)})")
         for name in ("freeze_weights", "autotune", "background_compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"jitopt option {name!r} must be True or False, "

@@ -54,6 +54,9 @@ def _graph_lines(g: GraphReport) -> list[str]:
             lines.append(f"    pass {p['name']:<34} changed {p['changed']:>4}   "
                          f"{p['seconds'] * 1e3:7.2f} ms")
         for q in a.quantized_layers:
+            if "reason" in q:
+                lines.append(f"    kept {q['layer']} {q['shape']} in fp32: {q['reason']}")
+                continue
             measured = (f", output SQNR {q['output_sqnr_db']:.1f} dB on the example inputs"
                         if "output_sqnr_db" in q else "")
             lines.append(f"    quantized {q['layer']} {q['shape']} to {q['mode']}: weight SQNR "

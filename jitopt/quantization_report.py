@@ -28,9 +28,24 @@ def measure(reference: fx.GraphModule, compiled: Callable[[list], Any],
         want = recorder.run(*inputs)
         got = compiled(list(inputs))
     for q in layers:
-        if q["layer"] in recorder.seen:
+        if "reason" not in q and q["layer"] in recorder.seen:  # "reason": kept in fp32
             q["output_sqnr_db"] = round(_layer_sqnr(*recorder.seen[q["layer"]]), 2)
     return _end_to_end(want, got)
+
+
+def linear_sqnrs(reference: fx.GraphModule, inputs: Sequence[Any]) -> dict[str, float] | None:
+    """Each addmm/mm's output SQNR (dB) were it quantized to int8, on the example inputs: what
+    an accuracy budget decides from, before any layer is rewritten. None: not measurable."""
+    if not all(_real(x) for x in inputs) or any(writes_input(n) for n in reference.graph.nodes):
+        return None
+    mms = (torch.ops.aten.addmm.default, torch.ops.aten.mm.default)
+    names = {n.name for n in reference.graph.nodes if n.target in mms}
+    reference.recompile()
+    recorder = _Recorder(reference, names)
+    with torch.no_grad():
+        recorder.run(*inputs)
+    return {name: _layer_sqnr(*seen) for name, seen in recorder.seen.items()
+            if all(isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in seen[0])}
 
 
 class _Recorder(fx.Interpreter):

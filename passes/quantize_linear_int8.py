@@ -27,7 +27,8 @@ def quantize_linear_int8(gm: fx.GraphModule) -> int:
     the rounding of x and W to 255 levels, which jitopt reports per layer as the weight's
     SQNR (`quantized_layers` in explain). The scaling and rounding around the product are
     pointwise and row reductions, so they fuse into generated kernels. The int8 weight is
-    stored in whichever memory order _int_mm measured faster at the example's shape."""
+    stored in whichever memory order _int_mm measured faster at the example's shape. Layers
+    named in gm.meta["quantize_keep"] (an accuracy budget's verdict) stay fp32."""
     rewrites = 0
     for node in list(gm.graph.nodes):
         operands = linear_operands(node)
@@ -35,6 +36,12 @@ def quantize_linear_int8(gm: fx.GraphModule) -> int:
             continue
         x, weight_node, bias_node = operands
         weight = constant_value(weight_node)  # [K, N]
+        kept = gm.meta.get("quantize_keep", {}).get(node.name)
+        if kept is not None:  # the accuracy budget keeps this layer in fp32
+            gm.meta.setdefault("quantized_layers", []).append(
+                {"layer": node.name, "mode": "fp32 (kept)", "shape": list(weight.t().shape),
+                 "reason": kept})
+            continue
         wq, w_scale = quantize_per_channel(weight.t())  # [N, K] int8, [N]
         layout = faster_weight_layout(tensor_meta(x).shape[0], *wq.shape)
         wq_kn = wq.t() if layout == "NK" else wq.t().contiguous()  # [K, N], either memory order

@@ -66,3 +66,41 @@ def test_not_measured_where_running_would_write_the_inputs():
     assert aten.quantization_error is None
     # explain runs the function (twice), never the measurement: two increments, not more.
     torch.testing.assert_close(total, before + 2)
+
+
+def _outlier_model_and_input():
+    """The first layer sees one huge channel per row that its weights ignore, so per-token
+    int8 rounds the rest of the row, all that matters, to nothing; the second layer sees
+    ordinary activations."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    with torch.no_grad():
+        model[0].weight[:, 0] = 0
+    x = torch.randn(16, 64)
+    x[:, 0] = 5000.0
+    return model, x
+
+
+def test_accuracy_budget_keeps_the_sensitive_layer_in_fp32():
+    model, x = _outlier_model_and_input()
+    with torch.no_grad():
+        report = jitopt.explain(model, x, quantize="int8", quantize_min_sqnr_db=30)
+        budget = torch.compile(model, backend="jitopt",
+                               options={"quantize": "int8", "quantize_min_sqnr_db": 30})(x)
+        torch._dynamo.reset()
+        everything = torch.compile(model, backend="jitopt", options={"quantize": "int8"})(x)
+        want = model(x)
+    first, second = report.graphs[0].aten[0].quantized_layers
+    assert first["mode"] == "fp32 (kept)" and "below the budget of 30 dB" in first["reason"]
+    assert second["mode"] == "int8" and second["output_sqnr_db"] >= 30
+    assert "kept addmm" in str(report)
+    assert (budget - want).abs().max() < (everything - want).abs().max()
+
+
+def test_budget_without_quantize_is_a_clear_error():
+    import pytest
+
+    with pytest.raises(ValueError, match="set quantize too"):
+        jitopt.Config.from_options({"quantize_min_sqnr_db": 30})
+    with pytest.raises(ValueError, match="number of dB"):
+        jitopt.Config.from_options({"quantize": "int8", "quantize_min_sqnr_db": "high"})
