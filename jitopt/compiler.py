@@ -213,6 +213,7 @@ def _lower(gm: fx.GraphModule, kind: str, config: Config, report: AtenGraphRepor
         records = run_passes(gm, passes, verify_each=config.verify == "each",
                              dump=lambda name, text: dump.write(name, lazy=text))
     report.quantized_layers = gm.meta.get("quantized_layers", [])
+    report.constant_bytes = _constant_bytes(gm)
     for r in records:
         counters["passes"][r.name] += r.changed
     report.passes = [vars(r) for r in records]
@@ -234,6 +235,18 @@ def _lower(gm: fx.GraphModule, kind: str, config: Config, report: AtenGraphRepor
     log.debug("jitopt: compiled %s graph: %d ATen ops -> %d, %d weights frozen", kind,
               report.ops_captured, report.ops_final, report.frozen_inputs)
     return wrapper
+
+
+def _constant_bytes(gm: fx.GraphModule) -> dict[str, int]:
+    """Bytes of the constants the compiled graph holds (frozen, folded, packed, quantized
+    weights), by dtype; an unused one was already dropped by dead-code elimination."""
+    held: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        value = getattr(gm, node.target, None) if node.op == "get_attr" else None
+        if isinstance(value, torch.Tensor):
+            dtype = str(value.dtype).removeprefix("torch.")
+            held[dtype] = held.get(dtype, 0) + value.nbytes  # packed ones have no storage
+    return held
 
 
 def _record_kernels(artifacts: dict[str, Any], report: AtenGraphReport, dump: DumpDir) -> None:

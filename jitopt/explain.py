@@ -53,6 +53,11 @@ def _graph_lines(g: GraphReport) -> list[str]:
         for p in a.passes:
             lines.append(f"    pass {p['name']:<34} changed {p['changed']:>4}   "
                          f"{p['seconds'] * 1e3:7.2f} ms")
+        if a.constant_bytes:
+            parts = ", ".join(f"{dtype} {n / 2**20:.1f} MB"
+                              for dtype, n in sorted(a.constant_bytes.items()))
+            lines.append(f"    constants held: {sum(a.constant_bytes.values()) / 2**20:.1f} MB "
+                         f"({parts})")
         for q in a.quantized_layers:
             if "reason" in q:
                 lines.append(f"    kept {q['layer']} {q['shape']} in fp32: {q['reason']}")

@@ -27,6 +27,7 @@ class AtenGraphReport:
     quantized_layers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     # The compiled graph against the fp32 one on the example inputs: cosine, max abs error.
     quantization_error: dict[str, Any] | None = None
+    constant_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # by dtype
 
 
 @dataclasses.dataclass

@@ -104,3 +104,16 @@ def test_budget_without_quantize_is_a_clear_error():
         jitopt.Config.from_options({"quantize_min_sqnr_db": 30})
     with pytest.raises(ValueError, match="number of dB"):
         jitopt.Config.from_options({"quantize": "int8", "quantize_min_sqnr_db": "high"})
+
+
+def test_weight_memory_is_reported_and_the_fp32_copies_are_dropped():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)).eval()
+    x = torch.randn(8, 256)
+    weights = 2 * 256 * 512
+    with torch.no_grad():
+        fp32 = jitopt.explain(model, x).graphs[0].aten[0].constant_bytes
+        int8 = jitopt.explain(model, x, quantize="int8").graphs[0].aten[0].constant_bytes
+    assert fp32["float32"] >= 4 * weights
+    assert int8["int8"] == weights
+    assert int8["float32"] < 4 * (512 + 256) * 2 + 1024  # biases and scales only
