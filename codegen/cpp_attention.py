@@ -143,7 +143,11 @@ def render_attention_launcher(name: str, spec: AttentionSpec, gm: fx.GraphModule
         val = operand.meta["val"]
         lines += layout_check(operand.name, tuple(val.shape), tuple(val.stride()))
     shape, strides = attention_output_layout(spec)
-    lines += [f"    if out0 is None:",
+    # A buffer the memory plan hands over must have the layout the kernel writes (checked:
+    # one that came from ATen ops while kernels were building may not).
+    lines += [f"    if out0 is not None and (out0.shape != {size_tuple(shape)} or "
+              f"out0.stride() != {size_tuple(strides)}):", "        out0 = None",
+              "    if out0 is None:",
               f"        out0 = empty_strided({size_tuple(shape)}, {size_tuple(strides)}, "
               "dtype=torch.float32)",
               f"    kernel({', '.join(f'{o.name}.data_ptr()' for o in operands)}, "

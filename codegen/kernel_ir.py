@@ -222,7 +222,8 @@ def collapse_ranges(kernel: Kernel) -> Kernel:
     while k >= 0:
         a, b = outer_var(k), outer_var(k + 1)
         if all(provably_zero(ix.coeff(a) - ix.coeff(b) * ranges[k + 1])
-               and ix.coeff(a).free_symbols.isdisjoint({a, b}) for ix in map(sympy.expand, indices)):
+               and ix.coeff(a).free_symbols.isdisjoint({a, b})
+               for ix in map(sympy.expand, indices)):
             indices = [_merge(ix, k, len(ranges)) for ix in indices]
             kernel = _substitute(kernel, lambda ix: _merge(ix, k, len(ranges)))
             ranges[k:k + 2] = [ranges[k] * ranges[k + 1]]

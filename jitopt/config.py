@@ -33,8 +33,9 @@ class Config:
 
     targets: tuple[str, ...] = ("triton", "cpp", "aten")
     """Lowering targets to try, in order of preference: "triton" (generated Triton kernels for
-    the fusion groups on CUDA), "cpp" (generated C++ kernels for those on CPU), "aten". ATen always runs what no other target takes, so it is
-    implied; ("aten",) turns code generation off."""
+    the fusion groups on CUDA), "cpp" (generated C++ kernels for those on CPU and the
+    attention kernel), "aten". ATen always runs what no other target takes, so it is implied;
+    ("aten",) turns code generation off."""
 
     autotune: bool = False
     """Spend extra compile time measuring alternative lowerings and keep the fastest. Targets

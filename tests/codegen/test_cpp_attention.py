@@ -140,3 +140,24 @@ def test_layers_of_one_shape_share_one_kernel():
     with torch.no_grad():
         report = jitopt.explain(two_layers, q, k, v).graphs[0].aten[0]
     assert "".join(report.kernel_sources).count('extern "C" void attention_') == 1
+
+
+def test_a_handed_over_buffer_of_another_layout_is_not_written():
+    """The memory plan may hand the kernel a dead buffer; one whose strides differ from what
+    the kernel writes (it came from ATen ops while kernels were building) is replaced."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from jitopt.codegen.cpp_target import CppTarget
+
+    def sdpa(q, k, v):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)[0]
+
+    q, k, v = _heads(1, 2, 8, 16)
+    with FakeTensorMode() as mode:
+        gm = make_fx(sdpa)(*(mode.from_tensor(t) for t in (q, k, v)))
+    artifact = CppTarget().lower_all({"g": gm})["g"]
+    wrong = torch.zeros(1, 2, 8, 16)  # contiguous: the kernel writes [B, S, H, D] memory
+    got = artifact(q, k, v, out0=wrong)
+    assert got is not wrong and not wrong.any()
+    assert_same(got, sdpa(q, k, v), atol=2e-5, rtol=1e-4)

@@ -11,7 +11,8 @@ import jitopt
 
 def gelu_new(x):
     """Hugging Face's NewGELUActivation, verbatim."""
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+    return 0.5 * x * (1.0 + torch.tanh(
+        math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
 def _compile(fn, *args):
