@@ -22,7 +22,10 @@ from benchmarks.measure import PeakMemory, flops_of, summarize
 from benchmarks.models import MODELS, BenchModel
 
 
-SETTLE_S = 0.05  # pause before each timed call (see time_interleaved)
+# Pause before each timed call (see time_interleaved): long enough for ONNX Runtime's and
+# OpenVINO's pools to stop spinning, short enough that torch's OpenMP threads do not go to
+# sleep (50 ms doubled eager's median on the MLP and spread its calls over 10-24 ms).
+SETTLE_S = 0.005
 
 
 def dynamo_counts() -> dict[str, int]:
