@@ -22,9 +22,9 @@ from benchmarks.measure import PeakMemory, flops_of, summarize
 from benchmarks.models import MODELS, BenchModel
 
 
-# Pause before each timed call (see time_interleaved): long enough for ONNX Runtime's and
-# OpenVINO's pools to stop spinning, short enough that torch's OpenMP threads do not go to
-# sleep (50 ms doubled eager's median on the MLP and spread its calls over 10-24 ms).
+# Pause before each timed call (see time_interleaved): ONNX Runtime's and OpenVINO's pools
+# spin briefly after a call, and on two cores that time is taken from the next backend. Short,
+# so torch's OpenMP threads do not go to sleep (50 ms doubled eager's median on the MLP).
 SETTLE_S = 0.005
 
 
@@ -134,9 +134,7 @@ def time_interleaved(bench: BenchModel, ready: list[Prepared], args: argparse.Na
         random.Random(rounds).shuffle(order)  # no column always follows the same neighbour
         for p in order:
             use_forward(bench, p.forward)
-            # ONNX Runtime's and OpenVINO's thread pools keep spinning after a call; on two
-            # cores that steals from whichever backend runs next. Let them go idle first.
-            time.sleep(SETTLE_S)
+            time.sleep(SETTLE_S)  # peers' pools idle first (see SETTLE_S)
             frames = counters["frames"]["total"]
             start = time.perf_counter()
             p.call()
