@@ -1,5 +1,6 @@
-"""The CPU target: each fusion group becomes a generated C++ kernel, and each attention call our
-attention kernel (cpp_attention.py); one library per graph."""
+"""The CPU target: each fusion group becomes a generated C++ kernel, and each attention call or
+int8-weight linear one of our hand-written kernels (cpp_attention.py, cpp_linear_int8.py);
+one library per graph."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ import torch
 import torch.fx as fx
 
 from jitopt.codegen.cpp_attention import (
-    ATTENTION_PRELUDE, AttentionSpec, attention_groups, attention_node, attention_output_layout,
-    attention_spec, render_attention, render_attention_launcher)
+    ATTENTION_PRELUDE, attention_groups, attention_node, attention_output_layout, attention_spec,
+    render_attention, render_attention_launcher)
+from jitopt.codegen.cpp_linear_int8 import (
+    LINEAR_INT8_PRELUDE, linear_int8_groups, linear_int8_node, linear_int8_spec,
+    render_linear_int8, render_linear_int8_launcher)
 from jitopt.codegen.cpp_compiler import LibraryBuild
 from jitopt.codegen.cpp_kernel import render_kernel, render_source
 from jitopt.codegen.fusion_target import (
@@ -49,37 +53,72 @@ class CppArtifact:
                                                                            launcher))
 
 
+@dataclasses.dataclass(frozen=True)
+class HandWritten:
+    """A family of kernels written by hand instead of generated from the kernel IR: one node
+    per partition, one compiled kernel per distinct spec (every layer of a transformer shares
+    one), all sharing a prelude."""
+
+    name: str  # kernel name prefix and counter
+    groups: Callable[[fx.GraphModule], list[list[fx.Node]]]
+    node: Callable[[fx.GraphModule], fx.Node | None]
+    spec: Callable[[fx.Node], Any]
+    prelude: str
+    render: Callable[[Any, str], str]  # (spec, kernel name) -> C++
+    launcher: Callable[[str, Any, fx.GraphModule], str]  # (name, spec, partition) -> Python
+    pointers: Callable[[Any], int]
+    sizes: int  # int64 arguments after the pointers
+    output_layout: Callable[[Any], tuple | None]  # (shape, strides, dtype, device) if static
+
+
+HAND_WRITTEN = (
+    HandWritten("cpp_attention", attention_groups, attention_node, attention_spec,
+                ATTENTION_PRELUDE, render_attention, render_attention_launcher,
+                lambda spec: 4 + (spec.mask_strides is not None), 0,
+                lambda spec: (*attention_output_layout(spec), torch.float32, "cpu")),
+    HandWritten("cpp_linear_int8", linear_int8_groups, linear_int8_node, linear_int8_spec,
+                LINEAR_INT8_PRELUDE, render_linear_int8, render_linear_int8_launcher,
+                lambda spec: 4 + spec.bias, 1, lambda spec: None),
+)
+
+
 class CppTarget(FusionTarget):
     name = "cpp"
     device = "cpu"
 
     def propose(self, gm: fx.GraphModule) -> list[list[fx.Node]]:
-        return super().propose(gm) + attention_groups(gm)
+        return super().propose(gm) + [group for family in HAND_WRITTEN
+                                      for group in family.groups(gm)]
 
     def lower_all(self, partitions: dict[str, fx.GraphModule], *,
                   background: bool = False) -> dict[str, Any]:
         """Lower every group, compile all kernels in one library (identical kernels once).
         A group that cannot be lowered maps to its exception (it then runs on ATen).
         `background`: g++ runs in a thread, the groups run on ATen until it is done."""
-        attention = {name: gm for name, gm in partitions.items()
-                     if attention_node(gm) is not None}
-        fused = {name: gm for name, gm in partitions.items() if name not in attention}
+        families = {name: family for name, gm in partitions.items() for family in HAND_WRITTEN
+                    if family.node(gm) is not None}
+        fused = {name: gm for name, gm in partitions.items() if name not in families}
         results, planned, kernels = plan_kernels(fused, render_kernel)
-        specs = _attention_specs(attention, results)
-        # Calls of one shape and layout (every layer of a transformer) share one kernel.
-        attention_kernels = {spec: f"attention_{k}"
-                             for k, spec in enumerate(dict.fromkeys(specs.values()))}
+        specs = _hand_written_specs(partitions, families, results)
+        # Calls of one family and spec share one kernel.
+        kernel_names: dict[tuple[str, Any], str] = {}
+        for name, spec in specs.items():
+            kernel_names.setdefault((families[name].name, spec),
+                                    f"{families[name].name[4:]}_{len(kernel_names)}")
         if not planned and not specs:
             return results
         source = render_source(kernels)
-        if attention_kernels:
-            source += ATTENTION_PRELUDE + "".join(
-                render_attention(spec, name) for spec, name in attention_kernels.items())
+        for family in HAND_WRITTEN:
+            mine = [(spec, kernel) for (f, spec), kernel in kernel_names.items()
+                    if f == family.name]
+            if mine:
+                source += family.prelude + "".join(family.render(spec, kernel)
+                                                   for spec, kernel in mine)
         artifacts = {name: self._fusion_artifact(kernel, signature, gm, source)
                      for name, (kernel, signature, gm) in planned.items()}
-        artifacts.update({name: _attention_artifact(attention_kernels[spec], spec,
-                                                    partitions[name], source)
-                          for name, spec in specs.items()})
+        artifacts.update({name: _hand_written_artifact(
+            families[name], kernel_names[families[name].name, spec], spec, partitions[name],
+            source) for name, spec in specs.items()})
         build = LibraryBuild(source)
         library = build.cached()
         if library is None and background:
@@ -126,30 +165,30 @@ def finish_background_builds(timeout: float | None = None) -> None:
         _builds.submit(lambda: None).result(timeout)
 
 
-def _attention_specs(attention: dict[str, fx.GraphModule], failed: dict[str, Exception]
-                     ) -> dict[str, AttentionSpec]:
-    """Each attention partition's spec; one that cannot have one goes to `failed`."""
+def _hand_written_specs(partitions: dict[str, fx.GraphModule],
+                        families: dict[str, HandWritten], failed: dict[str, Exception]
+                        ) -> dict[str, Any]:
+    """Each hand-written partition's spec; one that cannot have one goes to `failed`."""
     specs = {}
-    for name, gm in attention.items():
+    for name, family in families.items():
         try:
-            specs[name] = attention_spec(attention_node(gm))
+            specs[name] = family.spec(family.node(partitions[name]))
         except Exception as e:
             failed[name] = e
     return specs
 
 
-def _attention_artifact(kernel_name: str, spec: AttentionSpec, gm: fx.GraphModule,
-                        source: str) -> CppArtifact:
+def _hand_written_artifact(family: HandWritten, kernel_name: str, spec: Any,
+                           gm: fx.GraphModule, source: str) -> CppArtifact:
     name = f"launch_{kernel_name}"
-    launcher_source = render_attention_launcher(name, spec, gm)
+    launcher_source = family.launcher(name, spec, gm)
 
     def finish(library: Path) -> Callable[..., Any]:
-        fn = load_kernel(library, kernel_name, 4 + (spec.mask_strides is not None), 0)
+        fn = load_kernel(library, kernel_name, family.pointers(spec), family.sizes)
         return build_launcher(launcher_source, name, fn)
 
-    layout = (*attention_output_layout(spec), torch.float32, "cpu")
-    counters["kernels"]["cpp_attention"] += 1
-    return CppArtifact(finish, kernel_name, source, launcher_source, [layout])
+    counters["kernels"][family.name] += 1
+    return CppArtifact(finish, kernel_name, source, launcher_source, [family.output_layout(spec)])
 
 
 def render_launcher(name: str, kernel: Kernel, signature: KernelSignature,

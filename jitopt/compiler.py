@@ -135,7 +135,7 @@ class _FrozenVariants:
         measuring = self.config.quantize is not None and examples is not None
         reference = fx.GraphModule(gm, copy.deepcopy(gm.graph)) if measuring else None
         if measuring and self.config.quantize_min_sqnr_db is not None:
-            gm.meta["quantize_keep"] = _over_budget(reference, examples,
+            gm.meta["quantize_keep"] = _over_budget(reference, examples, self.config.quantize,
                                                     self.config.quantize_min_sqnr_db)
         dump = DumpDir(self.config.debug_dir, self.kind)
         wrapper = _lower(gm, self.kind, self.config, self.report, dump)
@@ -145,7 +145,8 @@ class _FrozenVariants:
             self.variants.append(compiled)
         if measuring and self.report.quantized_layers:
             self.report.quantization_error = quantization_report.measure(
-                reference, compiled, examples, self.report.quantized_layers)
+                reference, compiled, examples, self.report.quantized_layers,
+                self.config.quantize)
         return compiled
 
     def on_stale(self, args: list) -> CompiledGraph:
@@ -166,10 +167,10 @@ class _FrozenVariants:
         return self.unfrozen
 
 
-def _over_budget(reference: fx.GraphModule, examples: list[Any],
+def _over_budget(reference: fx.GraphModule, examples: list[Any], mode: str,
                  min_sqnr_db: float) -> dict[str, str]:
-    """Layer name -> why it stays fp32, for each linear the int8 budget rules out."""
-    sqnrs = quantization_report.linear_sqnrs(reference, examples) or {}
+    """Layer name -> why it stays fp32, for each linear the budget rules out."""
+    sqnrs = quantization_report.linear_sqnrs(reference, examples, mode) or {}
     return {name: f"output SQNR {db:.1f} dB on the example inputs is below the budget of "
                   f"{min_sqnr_db:g} dB" for name, db in sqnrs.items() if db < min_sqnr_db}
 

@@ -9,9 +9,9 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 ON_ERROR_CHOICES = ("warn", "raise")
-QUANTIZE_IMPLEMENTED = ("int8",)
+QUANTIZE_IMPLEMENTED = ("int8", "int8-weight-only")
 # The quantization issue's other modes: named so a request for one gets a clear answer.
-QUANTIZE_PLANNED = ("int8-weight-only", "int4-weight-only", "bf16", "fp16", "int8-static")
+QUANTIZE_PLANNED = ("int4-weight-only", "bf16", "fp16", "int8-static")
 VERIFY_CHOICES = ("end", "each")
 
 
@@ -47,8 +47,10 @@ class Config:
     quantize: str | None = None
     """Lower precision for linear layers over frozen fp32 weights on CPU (inference only).
     "int8": per-token int8 activations (scaled at run time) times per-channel int8 weights,
-    an int32 product; `jitopt.explain` lists each quantized layer with its weight's SQNR.
-    Not exact: check the outputs against fp32 for your model. None: full precision."""
+    an int32 product (fastest where the matmuls are compute-bound: prefill, encoders).
+    "int8-weight-only": per-channel int8 weights, float32 activations and arithmetic (for
+    memory-bound decoding: a quarter of the weight bytes, only the weights' rounding error).
+    `jitopt.explain` lists each quantized layer with its weight's SQNR. Not exact: check the outputs against fp32 for your model. None: full precision."""
 
     quantize_min_sqnr_db: float | None = None
     """An accuracy budget for `quantize`: a layer whose output SQNR, measured on the example

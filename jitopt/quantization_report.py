@@ -16,8 +16,10 @@ from jitopt.passes.quantize_linear_int8 import INT8_MAX, MIN_SCALE, quantize_per
 
 
 def measure(reference: fx.GraphModule, compiled: Callable[[list], Any],
-            inputs: Sequence[Any], layers: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Fill each entry of `layers` with "output_sqnr_db" and return the end-to-end error
+            inputs: Sequence[Any], layers: list[dict[str, Any]], mode: str = "int8"
+            ) -> dict[str, Any] | None:
+    """Fill each entry of `layers` with "output_sqnr_db" (that layer alone quantized the way
+    `mode` does it, on the activations it sees) and return the end-to-end error
     ({"cosine", "max_abs_error", "outputs"}); None when the inputs cannot be used (symbolic,
     fake) or running the graph would write into them."""
     if not all(_real(x) for x in inputs) or any(writes_input(n) for n in reference.graph.nodes):
@@ -29,12 +31,13 @@ def measure(reference: fx.GraphModule, compiled: Callable[[list], Any],
         got = compiled(list(inputs))
     for q in layers:
         if "reason" not in q and q["layer"] in recorder.seen:  # "reason": kept in fp32
-            q["output_sqnr_db"] = round(_layer_sqnr(*recorder.seen[q["layer"]]), 2)
+            q["output_sqnr_db"] = round(_layer_sqnr(*recorder.seen[q["layer"]], mode), 2)
     return _end_to_end(want, got)
 
 
-def linear_sqnrs(reference: fx.GraphModule, inputs: Sequence[Any]) -> dict[str, float] | None:
-    """Each addmm/mm's output SQNR (dB) were it quantized to int8, on the example inputs: what
+def linear_sqnrs(reference: fx.GraphModule, inputs: Sequence[Any], mode: str = "int8"
+                 ) -> dict[str, float] | None:
+    """Each addmm/mm's output SQNR (dB) were it quantized by `mode`, on the example inputs: what
     an accuracy budget decides from, before any layer is rewritten. None: not measurable."""
     if not all(_real(x) for x in inputs) or any(writes_input(n) for n in reference.graph.nodes):
         return None
@@ -44,7 +47,7 @@ def linear_sqnrs(reference: fx.GraphModule, inputs: Sequence[Any]) -> dict[str, 
     recorder = _Recorder(reference, names)
     with torch.no_grad():
         recorder.run(*inputs)
-    return {name: _layer_sqnr(*seen) for name, seen in recorder.seen.items()
+    return {name: _layer_sqnr(*seen, mode) for name, seen in recorder.seen.items()
             if all(isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in seen[0])}
 
 
@@ -63,13 +66,19 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def _layer_sqnr(args: tuple, out: torch.Tensor) -> float:
-    """SQNR in dB of the int8 product against the fp32 one, for addmm(b, x, w) or mm(x, w)."""
+def _layer_sqnr(args: tuple, out: torch.Tensor, mode: str) -> float:
+    """SQNR in dB of the quantized product against the fp32 one, for addmm(b, x, w) or
+    mm(x, w): int8 x int8 for "int8", float x int8 weights for "int8-weight-only"."""
     bias, x, weight = args if len(args) == 3 else (None, *args)
     wq, w_scale = quantize_per_channel(weight.t())
-    x_scale = x.abs().amax(-1, keepdim=True).clamp_min(MIN_SCALE) / INT8_MAX
-    xq = torch.round(x / x_scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
-    quantized = torch._int_mm(xq, wq.t()).float() * x_scale * w_scale
+    if mode == "int8-weight-only":
+        quantized = x @ (wq.float() * w_scale[:, None]).t()
+    elif mode == "int8":
+        x_scale = x.abs().amax(-1, keepdim=True).clamp_min(MIN_SCALE) / INT8_MAX
+        xq = torch.round(x / x_scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+        quantized = torch._int_mm(xq, wq.t()).float() * x_scale * w_scale
+    else:
+        raise ValueError(f"no layer SQNR for quantize mode {mode!r}")
     if bias is not None:
         quantized = quantized + bias
     return _sqnr_db(out, quantized)

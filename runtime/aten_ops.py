@@ -15,6 +15,8 @@ def aten_op(qualname: str) -> Callable[..., Any]:
     OpOverload._op skips OpOverload.__call__'s Python frame (about 1 us per call); tensor
     subclasses still reach __torch_dispatch__ through the dispatcher. Private: only here."""
     namespace, rest = qualname.split("::")
+    if namespace == "jitopt":  # our own ops register when their module is imported
+        importlib.import_module("jitopt.ops")
     name, overload = rest.rsplit(".", 1)
     op = getattr(getattr(getattr(torch.ops, namespace), name), overload)
     return getattr(op, "_op", op)

@@ -35,10 +35,34 @@ class Int8DynamicLinear(nn.Module):
 
 def quantize_int8_reference(model: nn.Module) -> nn.Module:
     """A copy of `model` with every nn.Linear swapped for Int8DynamicLinear."""
+    return _swap_linears(model, Int8DynamicLinear)
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """nn.Linear as quantize="int8-weight-only" computes it: the same per-output-channel int8
+    weights, float activations, the product in float64 (the compiled kernel sums in float32)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach()
+        scale = (w.abs().amax(dim=1) / INT8_MAX).clamp_min(MIN_SCALE)
+        self.weight = torch.round(w / scale[:, None]).clamp(-INT8_MAX, INT8_MAX) * scale[:, None]
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = (x.double() @ self.weight.double().t()).float()
+        return out if self.bias is None else out + self.bias
+
+
+def quantize_int8_weight_only_reference(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every nn.Linear swapped for Int8WeightOnlyLinear."""
+    return _swap_linears(model, Int8WeightOnlyLinear)
+
+
+def _swap_linears(model: nn.Module, swap: type[nn.Module]) -> nn.Module:
     model = copy.deepcopy(model)
-    for name, child in list(model.named_children()):
+    for name, child in list(model.named_modules()):
         if isinstance(child, nn.Linear):
-            setattr(model, name, Int8DynamicLinear(child))
-        else:
-            setattr(model, name, quantize_int8_reference(child))
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, swap(child))
     return model
