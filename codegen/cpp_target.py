@@ -1,6 +1,6 @@
 """The CPU target: each fusion group becomes a generated C++ kernel, and each attention call or
-int8-weight linear one of our hand-written kernels (cpp_attention.py, cpp_linear_int8.py);
-one library per graph."""
+quantized-weight linear one of our hand-written kernels (cpp_attention.py,
+cpp_quantized_linear.py); one library per graph."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import torch.fx as fx
 from jitopt.codegen.cpp_attention import (
     ATTENTION_PRELUDE, attention_groups, attention_node, attention_output_layout, attention_spec,
     render_attention, render_attention_launcher)
-from jitopt.codegen.cpp_linear_int8 import (
-    LINEAR_INT8_PRELUDE, linear_int8_groups, linear_int8_node, linear_int8_spec,
-    render_linear_int8, render_linear_int8_launcher)
+from jitopt.codegen.cpp_quantized_linear import (
+    QUANTIZED_LINEAR_PRELUDE, quantized_linear_groups, quantized_linear_node, quantized_linear_spec,
+    render_quantized_linear, render_quantized_linear_launcher)
 from jitopt.codegen.cpp_compiler import LibraryBuild
 from jitopt.codegen.cpp_kernel import render_kernel, render_source
 from jitopt.codegen.fusion_target import (
@@ -76,9 +76,9 @@ HAND_WRITTEN = (
                 ATTENTION_PRELUDE, render_attention, render_attention_launcher,
                 lambda spec: 4 + (spec.mask_strides is not None), 0,
                 lambda spec: (*attention_output_layout(spec), torch.float32, "cpu")),
-    HandWritten("cpp_linear_int8", linear_int8_groups, linear_int8_node, linear_int8_spec,
-                LINEAR_INT8_PRELUDE, render_linear_int8, render_linear_int8_launcher,
-                lambda spec: 4 + spec.bias, 1, lambda spec: None),
+    HandWritten("cpp_quantized_linear", quantized_linear_groups, quantized_linear_node, quantized_linear_spec,
+                QUANTIZED_LINEAR_PRELUDE, render_quantized_linear, render_quantized_linear_launcher,
+                lambda spec: 4 + (spec.bits == 4) + spec.bias, 1, lambda spec: None),
 )
 
 

@@ -134,8 +134,9 @@ class _FrozenVariants:
         self.report.frozen_inputs = len(frozen)
         measuring = self.config.quantize is not None and examples is not None
         reference = fx.GraphModule(gm, copy.deepcopy(gm.graph)) if measuring else None
+        gm.meta["quantize_group_size"] = self.config.quantize_group_size
         if measuring and self.config.quantize_min_sqnr_db is not None:
-            gm.meta["quantize_keep"] = _over_budget(reference, examples, self.config.quantize,
+            gm.meta["quantize_keep"] = _over_budget(reference, examples, self.config,
                                                     self.config.quantize_min_sqnr_db)
         dump = DumpDir(self.config.debug_dir, self.kind)
         wrapper = _lower(gm, self.kind, self.config, self.report, dump)
@@ -146,7 +147,7 @@ class _FrozenVariants:
         if measuring and self.report.quantized_layers:
             self.report.quantization_error = quantization_report.measure(
                 reference, compiled, examples, self.report.quantized_layers,
-                self.config.quantize)
+                _layer_quantizer(self.config))
         return compiled
 
     def on_stale(self, args: list) -> CompiledGraph:
@@ -167,12 +168,17 @@ class _FrozenVariants:
         return self.unfrozen
 
 
-def _over_budget(reference: fx.GraphModule, examples: list[Any], mode: str,
+def _over_budget(reference: fx.GraphModule, examples: list[Any], config: Config,
                  min_sqnr_db: float) -> dict[str, str]:
     """Layer name -> why it stays fp32, for each linear the budget rules out."""
-    sqnrs = quantization_report.linear_sqnrs(reference, examples, mode) or {}
+    sqnrs = quantization_report.linear_sqnrs(reference, examples,
+                                             _layer_quantizer(config)) or {}
     return {name: f"output SQNR {db:.1f} dB on the example inputs is below the budget of "
                   f"{min_sqnr_db:g} dB" for name, db in sqnrs.items() if db < min_sqnr_db}
+
+
+def _layer_quantizer(config: Config) -> quantization_report.LayerQuantizer:
+    return quantization_report.LayerQuantizer(config.quantize, config.quantize_group_size)
 
 
 def _freeze_inputs(gm: fx.GraphModule, weights: dict[int, torch.Tensor]) -> list[FrozenInput]:

@@ -9,9 +9,9 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 ON_ERROR_CHOICES = ("warn", "raise")
-QUANTIZE_IMPLEMENTED = ("int8", "int8-weight-only")
+QUANTIZE_IMPLEMENTED = ("int8", "int8-weight-only", "int4-weight-only")
 # The quantization issue's other modes: named so a request for one gets a clear answer.
-QUANTIZE_PLANNED = ("int4-weight-only", "bf16", "fp16", "int8-static")
+QUANTIZE_PLANNED = ("bf16", "fp16", "int8-static")
 VERIFY_CHOICES = ("end", "each")
 
 
@@ -50,12 +50,18 @@ class Config:
     an int32 product (fastest where the matmuls are compute-bound: prefill, encoders).
     "int8-weight-only": per-channel int8 weights, float32 activations and arithmetic (for
     memory-bound decoding: a quarter of the weight bytes, only the weights' rounding error).
+    "int4-weight-only": 4-bit weights in groups along the input channels (see
+    `quantize_group_size`), float32 activations and arithmetic: an eighth of the bytes.
     `jitopt.explain` lists each quantized layer with its weight's SQNR. Not exact: check the outputs against fp32 for your model. None: full precision."""
 
     quantize_min_sqnr_db: float | None = None
     """An accuracy budget for `quantize`: a layer whose output SQNR, measured on the example
     inputs, would fall below this many dB stays in fp32 (explain says which and why). 30-40
     dB keeps most models' outputs within 1e-3 relative; None quantizes every layer."""
+
+    quantize_group_size: int | None = None
+    """For quantize="int4-weight-only": input channels per group sharing one scale and offset
+    (smaller: more accurate, more bytes). None: 64."""
 
     background_compile: bool = True
     """Build generated C++ in a background thread: until the compiler finishes, those
@@ -81,6 +87,16 @@ class Config:
                 raise ValueError("jitopt option 'quantize_min_sqnr_db' is a budget for "
                                  "'quantize'; set quantize too (valid choices: "
                                  f"{list(QUANTIZE_IMPLEMENTED)})")
+        if self.quantize_group_size is not None:
+            if (isinstance(self.quantize_group_size, bool)
+                    or not isinstance(self.quantize_group_size, int)
+                    or self.quantize_group_size < 1):
+                raise ValueError("jitopt option 'quantize_group_size' must be a positive "
+                                 f"integer or None, got {self.quantize_group_size!r}")
+            if self.quantize != "int4-weight-only":
+                raise ValueError("jitopt option 'quantize_group_size' applies to "
+                                 "quantize='int4-weight-only' only, not to "
+                                 f"quantize={self.quantize!r}")
         for name in ("freeze_weights", "autotune", "background_compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"jitopt option {name!r} must be True or False, "

@@ -49,3 +49,57 @@ def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                  lambda: f"linear_int8_weight: x {tuple(x.shape)} against a packed weight "
                          f"{tuple(weight.shape)}")
     return x.new_empty(x.shape[0], scale.shape[0])
+
+
+def pack_int4_weight(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] uint8 holding 0..15 -> [ceil(N / 64), K, 32] uint8: blocks of 64 output channels
+    as for int8, two per byte: byte j of an input channel holds channel j in its low nibble
+    and channel j + 32 in its high one (one 32-byte load widens to four float vectors)."""
+    blocks = pack_int8_weight(q.to(torch.int8)).to(torch.uint8)  # [NB, K, 64]
+    return (blocks[..., :32] | (blocks[..., 32:] << 4)).contiguous()
+
+
+def unpack_int4_weight(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of pack_int4_weight: [N, K] uint8 holding 0..15."""
+    full = torch.cat([packed & 15, packed >> 4], dim=-1)  # [NB, K, 64]
+    return unpack_int8_weight(full.to(torch.int8), n).to(torch.uint8)
+
+
+def pack_group_params(values: torch.Tensor) -> torch.Tensor:
+    """[N, groups] float32 -> [ceil(N / 64), groups, 64], in the weight's block order."""
+    n, groups = values.shape
+    blocks = -(-n // INT8_BLOCK)
+    padded = torch.zeros(blocks * INT8_BLOCK, groups, dtype=values.dtype)
+    padded[:n] = values
+    return padded.view(blocks, INT8_BLOCK, groups).transpose(1, 2).contiguous()
+
+
+def unpack_group_params(packed: torch.Tensor, n: int) -> torch.Tensor:
+    blocks, groups, _ = packed.shape
+    return packed.transpose(1, 2).reshape(blocks * INT8_BLOCK, groups)[:n]
+
+
+@torch.library.custom_op("jitopt::linear_int4_weight", mutates_args=())
+def linear_int4_weight(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                       offset: torch.Tensor, n: int, group_size: int,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W.T (+ bias) where W[c, k] = q[c, k] * scale[c, g] + offset[c, g] for the group
+    g = k // group_size: 4-bit codes q (0..15) packed by pack_int4_weight, a float32 scale
+    and offset per output channel and group of input channels, packed by pack_group_params.
+    x is float32 [M, K]; y float32 [M, n]. This reference dequantizes on every call."""
+    k = weight.shape[1]
+
+    def per_weight(params: torch.Tensor) -> torch.Tensor:  # [n, K]
+        return unpack_group_params(params, n).repeat_interleave(group_size, dim=1)[:, :k]
+
+    q = unpack_int4_weight(weight, n).float()  # [n, K]
+    return F.linear(x, q * per_weight(scale) + per_weight(offset), bias)
+
+
+@linear_int4_weight.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+      n: int, group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    torch._check(x.dim() == 2 and x.shape[1] == weight.shape[1],
+                 lambda: f"linear_int4_weight: x {tuple(x.shape)} against a packed weight "
+                         f"{tuple(weight.shape)}")
+    return x.new_empty(x.shape[0], n)

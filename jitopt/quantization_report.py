@@ -4,6 +4,7 @@ the compiled graph against the fp32 graph it came from."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -12,14 +13,40 @@ import torch
 import torch.fx as fx
 
 from jitopt.passes.graph_facts import writes_input
+from jitopt.passes.quantize_linear_int4_weight_only import (
+    DEFAULT_GROUP_SIZE, dequantize_int4_grouped, quantize_int4_grouped)
 from jitopt.passes.quantize_linear_int8 import INT8_MAX, MIN_SCALE, quantize_per_channel
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerQuantizer:
+    """One quantize= mode applied to one linear layer alone, the way its pass does it."""
+
+    mode: str
+    group_size: int | None = None
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x @ weight ([K, N]) with the weight, and for "int8" x too, quantized."""
+        if self.mode == "int8":
+            wq, w_scale = quantize_per_channel(weight.t())
+            x_scale = x.abs().amax(-1, keepdim=True).clamp_min(MIN_SCALE) / INT8_MAX
+            xq = torch.round(x / x_scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+            return torch._int_mm(xq, wq.t()).float() * x_scale * w_scale
+        if self.mode == "int8-weight-only":
+            wq, w_scale = quantize_per_channel(weight.t())
+            return x @ (wq.float() * w_scale[:, None]).t()
+        if self.mode == "int4-weight-only":
+            group = self.group_size or DEFAULT_GROUP_SIZE
+            return x @ dequantize_int4_grouped(*quantize_int4_grouped(weight.t(), group),
+                                               group).t()
+        raise ValueError(f"no layer quantizer for quantize mode {self.mode!r}")
+
+
 def measure(reference: fx.GraphModule, compiled: Callable[[list], Any],
-            inputs: Sequence[Any], layers: list[dict[str, Any]], mode: str = "int8"
+            inputs: Sequence[Any], layers: list[dict[str, Any]], quantizer: LayerQuantizer
             ) -> dict[str, Any] | None:
-    """Fill each entry of `layers` with "output_sqnr_db" (that layer alone quantized the way
-    `mode` does it, on the activations it sees) and return the end-to-end error
+    """Fill each entry of `layers` with "output_sqnr_db" (that layer alone quantized, on the
+    activations it sees) and return the end-to-end error
     ({"cosine", "max_abs_error", "outputs"}); None when the inputs cannot be used (symbolic,
     fake) or running the graph would write into them."""
     if not all(_real(x) for x in inputs) or any(writes_input(n) for n in reference.graph.nodes):
@@ -31,13 +58,13 @@ def measure(reference: fx.GraphModule, compiled: Callable[[list], Any],
         got = compiled(list(inputs))
     for q in layers:
         if "reason" not in q and q["layer"] in recorder.seen:  # "reason": kept in fp32
-            q["output_sqnr_db"] = round(_layer_sqnr(*recorder.seen[q["layer"]], mode), 2)
+            q["output_sqnr_db"] = round(_layer_sqnr(*recorder.seen[q["layer"]], quantizer), 2)
     return _end_to_end(want, got)
 
 
-def linear_sqnrs(reference: fx.GraphModule, inputs: Sequence[Any], mode: str = "int8"
+def linear_sqnrs(reference: fx.GraphModule, inputs: Sequence[Any], quantizer: LayerQuantizer
                  ) -> dict[str, float] | None:
-    """Each addmm/mm's output SQNR (dB) were it quantized by `mode`, on the example inputs: what
+    """Each addmm/mm's output SQNR (dB) were it quantized alone, on the example inputs: what
     an accuracy budget decides from, before any layer is rewritten. None: not measurable."""
     if not all(_real(x) for x in inputs) or any(writes_input(n) for n in reference.graph.nodes):
         return None
@@ -47,7 +74,7 @@ def linear_sqnrs(reference: fx.GraphModule, inputs: Sequence[Any], mode: str = "
     recorder = _Recorder(reference, names)
     with torch.no_grad():
         recorder.run(*inputs)
-    return {name: _layer_sqnr(*seen, mode) for name, seen in recorder.seen.items()
+    return {name: _layer_sqnr(*seen, quantizer) for name, seen in recorder.seen.items()
             if all(isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in seen[0])}
 
 
@@ -66,19 +93,11 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def _layer_sqnr(args: tuple, out: torch.Tensor, mode: str) -> float:
+def _layer_sqnr(args: tuple, out: torch.Tensor, quantizer: LayerQuantizer) -> float:
     """SQNR in dB of the quantized product against the fp32 one, for addmm(b, x, w) or
-    mm(x, w): int8 x int8 for "int8", float x int8 weights for "int8-weight-only"."""
+    mm(x, w)."""
     bias, x, weight = args if len(args) == 3 else (None, *args)
-    wq, w_scale = quantize_per_channel(weight.t())
-    if mode == "int8-weight-only":
-        quantized = x @ (wq.float() * w_scale[:, None]).t()
-    elif mode == "int8":
-        x_scale = x.abs().amax(-1, keepdim=True).clamp_min(MIN_SCALE) / INT8_MAX
-        xq = torch.round(x / x_scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
-        quantized = torch._int_mm(xq, wq.t()).float() * x_scale * w_scale
-    else:
-        raise ValueError(f"no layer SQNR for quantize mode {mode!r}")
+    quantized = quantizer(x, weight)
     if bias is not None:
         quantized = quantized + bias
     return _sqnr_db(out, quantized)

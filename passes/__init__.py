@@ -12,6 +12,7 @@ from jitopt.passes.infra import PassRecord, run_passes
 from jitopt.passes.prepack_convolutions import prepack_convolutions
 from jitopt.passes.prepack_linear_weights import prepack_linear_weights
 from jitopt.passes.quantize_linear_int8 import quantize_linear_int8
+from jitopt.passes.quantize_linear_int4_weight_only import quantize_linear_int4_weight_only
 from jitopt.passes.quantize_linear_int8_weight_only import quantize_linear_int8_weight_only
 from jitopt.passes.remove_noops import remove_noops
 from jitopt.passes.rewrite_attention import rewrite_attention
@@ -28,10 +29,12 @@ PIPELINE = [
     fold_linear_bn,
     # GPT-2's GELU written out becomes one op, which the linear epilogue below can take.
     rewrite_gelu_tanh,
-    # quantize="int8" or "int8-weight-only" only: linears over frozen weights to int8
-    # products or int8 weights (before packing, which would claim them in fp32).
+    # quantize="int8", "int8-weight-only" or "int4-weight-only" only (one of them): linears
+    # over frozen weights to int8 products or int8 / int4 weights (before packing, which
+    # would claim them in fp32).
     quantize_linear_int8,
     quantize_linear_int8_weight_only,
+    quantize_linear_int4_weight_only,
     # Frozen linear weights onto oneDNN, packed once (after the BN folds, which match addmm).
     prepack_linear_weights,
     # Then activations right after such a linear become its post-op (before fusion claims them).
@@ -56,11 +59,12 @@ PIPELINE = [
 # semantics, and has no frozen weights to fold).
 INFERENCE_ONLY = frozenset({remove_noops, fold_constants, fold_conv_bn, fold_linear_bn,
                             quantize_linear_int8, quantize_linear_int8_weight_only,
-                            prepack_linear_weights, fuse_linear_epilogues,
+                            quantize_linear_int4_weight_only, prepack_linear_weights, fuse_linear_epilogues,
                             prepack_convolutions, fuse_conv_epilogues})
 
 # Passes that run only when the `quantize` option names their mode.
 QUANTIZE_PASSES = {"int8": quantize_linear_int8,
-                   "int8-weight-only": quantize_linear_int8_weight_only}
+                   "int8-weight-only": quantize_linear_int8_weight_only,
+                   "int4-weight-only": quantize_linear_int4_weight_only}
 
 __all__ = ["PIPELINE", "INFERENCE_ONLY", "QUANTIZE_PASSES", "PassRecord", "run_passes"]

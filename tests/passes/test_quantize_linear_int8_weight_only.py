@@ -30,7 +30,7 @@ def test_matches_the_reference_quantizer_and_stays_close_to_fp32(shape):
     with torch.no_grad():
         reference, fp32 = quantize_int8_weight_only_reference(model)(x), model(x)
     assert jitopt.counters["passes"]["quantize_linear_int8_weight_only"] == 2
-    assert jitopt.counters["kernels"]["cpp_linear_int8"] == (2 if AVX512 else 0)
+    assert jitopt.counters["kernels"]["cpp_quantized_linear"] == (2 if AVX512 else 0)
     # The same int8 weights as the oracle: only the float32 summation order differs.
     torch.testing.assert_close(got, reference, atol=2e-5, rtol=1e-5)
     assert F.cosine_similarity(got.flatten(), fp32.flatten(), 0) > 0.9999

@@ -5,6 +5,7 @@ fp32)."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -59,10 +60,39 @@ def quantize_int8_weight_only_reference(model: nn.Module) -> nn.Module:
     return _swap_linears(model, Int8WeightOnlyLinear)
 
 
-def _swap_linears(model: nn.Module, swap: type[nn.Module]) -> nn.Module:
+def _swap_linears(model: nn.Module, swap: Callable[[nn.Linear], nn.Module]) -> nn.Module:
     model = copy.deepcopy(model)
     for name, child in list(model.named_modules()):
         if isinstance(child, nn.Linear):
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, swap(child))
     return model
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    """nn.Linear as quantize="int4-weight-only" computes it: each output channel's weights in
+    groups of `group_size` input channels, mapped to 16 levels from the group's min to its
+    max; float activations, the product in float64."""
+
+    def __init__(self, linear: nn.Linear, group_size: int = 64) -> None:
+        super().__init__()
+        w = linear.weight.detach().double()
+        groups = [w[:, k:k + group_size] for k in range(0, w.shape[1], group_size)]
+        self.weight = torch.cat([_int4_levels(g) for g in groups], dim=1)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = (x.double() @ self.weight.t()).float()
+        return out if self.bias is None else out + self.bias
+
+
+def _int4_levels(group: torch.Tensor) -> torch.Tensor:
+    low, high = group.amin(1, keepdim=True), group.amax(1, keepdim=True)
+    scale = ((high - low) / 15).clamp_min(MIN_SCALE).float().double()
+    low = low.float().double()  # the compiled graph keeps scale and offset in float32
+    return torch.round((group - low) / scale).clamp(0, 15) * scale + low
+
+
+def quantize_int4_weight_only_reference(model: nn.Module, group_size: int = 64) -> nn.Module:
+    """A copy of `model` with every nn.Linear swapped for Int4WeightOnlyLinear."""
+    return _swap_linears(model, lambda linear: Int4WeightOnlyLinear(linear, group_size))
