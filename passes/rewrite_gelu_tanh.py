@@ -49,7 +49,9 @@ def rewrite_gelu_tanh(gm: fx.GraphModule) -> int:
     replaced = replace_pattern_with_filters(gm, _traced(_written_out), _traced(_one_op),
                                             match_filters=[_on_floats], ignore_literals=False)
     for match in replaced:
+        # match.anchor is the pattern's output node; nodes_map takes it to the graph's.
+        val = match.nodes_map[match.anchor].meta.get("val")
         for node in match.replacements:
             if node.target is aten.gelu.default:
-                node.meta["val"] = match.anchor.meta.get("val")
+                node.meta["val"] = val
     return len(replaced)

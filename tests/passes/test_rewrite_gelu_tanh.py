@@ -32,6 +32,18 @@ def test_after_a_linear_it_becomes_the_post_op():
     assert jitopt.counters["passes"]["fuse_linear_epilogues"] == 1
 
 
+def test_the_new_op_carries_its_output_metadata():
+    """Regression: the replacement got the pattern's (empty) metadata, so a fused group reading
+    the GELU's output from outside (an int8 linear's scaling) failed to lower."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 8)).eval()
+    fn = lambda x: model[1](gelu_new(model[0](x)) * 2)  # noqa: E731 (not a linear post-op)
+    with torch.no_grad():
+        report = jitopt.explain(fn, torch.randn(4, 16), quantize="int8", on_error="raise")
+    gm_passes = report.graphs[0].aten[0].passes
+    assert any(p["name"] == "rewrite_gelu_tanh" and p["changed"] == 1 for p in gm_passes)
+    assert not report.graphs[0].aten[0].fallbacks
+
+
 def test_intermediate_with_another_user_is_left_alone():
     def fn(x):
         cubic = torch.pow(x, 3.0)
