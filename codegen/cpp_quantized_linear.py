@@ -22,34 +22,43 @@ import torch.fx as fx
 
 import jitopt.ops  # noqa: F401  (registers torch.ops.jitopt)
 from jitopt.errors import Declined
-from jitopt.ops import INT8_BLOCK
+from jitopt.ops import WEIGHT_BLOCK
 
 LINEAR_INT8_WEIGHT = torch.ops.jitopt.linear_int8_weight.default
 LINEAR_INT4_WEIGHT = torch.ops.jitopt.linear_int4_weight.default
+LINEAR_HALF_WEIGHT = torch.ops.jitopt.linear_half_weight.default
+OPS = (LINEAR_INT8_WEIGHT, LINEAR_INT4_WEIGHT, LINEAR_HALF_WEIGHT)
+# weight format -> (packed dtype, bytes per input channel of a block, C++ element type)
+FORMATS = {"int8": (torch.int8, 64, "int8_t"), "int4": (torch.uint8, 32, "uint8_t"),
+           "bfloat16": (torch.bfloat16, 128, "uint16_t"),
+           "float16": (torch.float16, 128, "uint16_t")}
 ROWS = 4  # rows of x per register tile
 M_CHUNK = 64  # rows of x per parallel work item: a weight block is widened from cache 16 times
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedLinearSpec:
-    """What the kernel compiles in: input channels, output channels, a bias or not; for 4-bit
-    weights (bits=4) the group size."""
+    """What the kernel compiles in: input channels, output channels, a bias or not, the
+    weight's format (a key of FORMATS) and, for int4, the group size."""
 
     k: int
     n: int
     bias: bool
-    bits: int = 8
+    weight: str = "int8"
     group_size: int = 0
 
 
 def quantized_linear_spec(node: fx.Node) -> QuantizedLinearSpec:
-    """The spec of a `jitopt::linear_int8_weight` or `linear_int4_weight` node, or Declined."""
+    """The spec of a `jitopt::linear_{int8,int4,half}_weight` node, or Declined."""
+    group_size, params = 0, []
     if node.target is LINEAR_INT8_WEIGHT:
         x, weight, scale, bias = (list(node.args) + [None])[:4]
-        bits, n, group_size, params = 8, _val(scale).shape[0], 0, [scale]
+        n, params = _val(scale).shape[0], [scale]
     elif node.target is LINEAR_INT4_WEIGHT:
         x, weight, scale, offset, n, group_size, bias = (list(node.args) + [None])[:7]
-        bits, params = 4, [scale, offset]
+        params = [scale, offset]
+    elif node.target is LINEAR_HALF_WEIGHT:
+        x, weight, n, bias = (list(node.args) + [None])[:4]
     else:
         raise Declined(f"not a quantized-weight linear: {node.target}")
     xv, wv = _val(x), _val(weight)  # (the constants' meta may sit on the meta device)
@@ -57,14 +66,16 @@ def quantized_linear_spec(node: fx.Node) -> QuantizedLinearSpec:
         raise Declined("quantized-weight linear kernel: CPU tensors only")
     if xv.dtype != torch.float32 or xv.dim() != 2 or not isinstance(xv.shape[1], int):
         raise Declined("quantized-weight linear kernel: a float32 [M, K] x with static K")
-    k, blocks = int(xv.shape[1]), -(-int(n) // INT8_BLOCK)
-    packed = (blocks, k, INT8_BLOCK * bits // 8)
-    if tuple(wv.shape) != packed or wv.dtype != (torch.int8 if bits == 8 else torch.uint8):
+    fmt = ("int8" if node.target is LINEAR_INT8_WEIGHT else
+           "int4" if node.target is LINEAR_INT4_WEIGHT else str(wv.dtype).removeprefix("torch."))
+    k, blocks = int(xv.shape[1]), -(-int(n) // WEIGHT_BLOCK)
+    dtype, row_bytes, _ = FORMATS.get(fmt, (None, 0, ""))
+    if tuple(wv.shape) != (blocks, k, row_bytes // wv.element_size()) or wv.dtype != dtype:
         raise Declined(f"quantized-weight linear kernel: weight {tuple(wv.shape)} "
                        f"{wv.dtype} is not packed for {n} output channels")
     if any(_val(p).dtype != torch.float32 for p in params):
         raise Declined("quantized-weight linear kernel: float32 scales only")
-    return QuantizedLinearSpec(k, int(n), bias is not None, bits, int(group_size))
+    return QuantizedLinearSpec(k, int(n), bias is not None, fmt, int(group_size))
 
 
 def _val(node: object) -> torch.Tensor:
@@ -76,8 +87,7 @@ def _val(node: object) -> torch.Tensor:
 
 def quantized_linear_node(gm: fx.GraphModule) -> fx.Node | None:
     """The quantized-weight linear of a partition quantized_linear_groups proposed, else None."""
-    return next((n for n in gm.graph.nodes
-                 if n.target in (LINEAR_INT8_WEIGHT, LINEAR_INT4_WEIGHT)), None)
+    return next((n for n in gm.graph.nodes if n.target in OPS), None)
 
 
 def quantized_linear_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
@@ -115,26 +125,28 @@ def render_quantized_linear_launcher(name: str, spec: QuantizedLinearSpec, gm: f
 
 
 def render_quantized_linear(spec: QuantizedLinearSpec, name: str) -> str:
-    """C++ for `name(x, w, scale, [offset,] [bias,] y, M)`; needs AVX-512F."""
+    """C++ for `name(x, w, [scale, [offset,]] [bias,] y, M)`; needs AVX-512F (and F16C)."""
     s = spec
-    params = ["const float* __restrict__ x"]
-    if s.bits == 8:
-        params += ["const int8_t* __restrict__ w", "const float* __restrict__ scale"]
-        sizes = ""
-        tile = "jo_w8_tile<{rows}>(x + m * K, K, w + nb * K * 64, K, scale + nb * 64,"
-    else:
-        params += ["const uint8_t* __restrict__ w", "const float* __restrict__ scale",
-                   "const float* __restrict__ offset"]
+    _, row_bytes, element = FORMATS[s.weight]
+    params = ["const float* __restrict__ x", f"const {element}* __restrict__ w"]
+    block = f"w + nb * K * {row_bytes // (2 if element == 'uint16_t' else 1)}"
+    sizes = ""
+    if s.weight == "int4":
+        params += ["const float* __restrict__ scale", "const float* __restrict__ offset"]
         sizes = f", G = {s.group_size}, GROUPS = {-(-s.k // s.group_size)}"
-        tile = ("jo_w4_tile<{rows}>(x + m * K, K, w + nb * K * 32, K, G,\n"
+        tile = (f"jo_w4_tile<{{rows}}>(x + m * K, K, {block}, K, G,\n"
                 "            scale + nb * GROUPS * 64, offset + nb * GROUPS * 64,")
+    else:
+        params += ["const float* __restrict__ scale"] * (s.weight == "int8")
+        scale = "scale + nb * 64" if s.weight == "int8" else "nullptr"
+        tile = f"jo_wide_tile<{{rows}}, JO_{s.weight.upper()}>(x + m * K, K, {block}, K, {scale},"
     params += ["const float* __restrict__ bias"] * s.bias + ["float* __restrict__ y",
                                                               "int64_t M"]
     tail = f"{'bias + nb * 64' if s.bias else 'nullptr'}, y + m * N + nb * 64, N, cols);"
     lines = ",\n    ".join(", ".join(params[i:i + 2]) for i in range(0, len(params), 2))
     return f"""
 extern "C" void {name}({lines}) {{
-  constexpr int64_t K = {s.k}, N = {s.n}, BLOCKS = {-(-s.n // INT8_BLOCK)}{sizes};
+  constexpr int64_t K = {s.k}, N = {s.n}, BLOCKS = {-(-s.n // WEIGHT_BLOCK)}{sizes};
   const int64_t chunks = (M + {M_CHUNK - 1}) / {M_CHUNK};
   #pragma omp parallel for collapse(2) schedule(static) if(M * N * K >= (1 << 18))
   for (int64_t nb = 0; nb < BLOCKS; ++nb) {{
@@ -158,12 +170,31 @@ QUANTIZED_LINEAR_PRELUDE = r"""
 #include <algorithm>
 #include <immintrin.h>
 
-// y[r][0:cols] = scale * sum_k x[r][k] * w[k][0:64] (+ bias) for ROWS rows: the weight's 64
-// int8 of input channel k are widened to four float vectors once and used for every row.
-template <int ROWS>
-static inline void jo_w8_tile(const float* x, int64_t xs, const int8_t* w, int64_t K,
-                              const float* scale, const float* bias, float* y, int64_t ys,
-                              int cols) {
+enum { JO_INT8, JO_BFLOAT16, JO_FLOAT16 };
+
+// Sixteen weights widened to floats: int8 (sign-extended), bfloat16 (its bits are a float's
+// top half) or float16 (F16C's conversion).
+template <int FMT, typename T>
+static inline __m512 jo_widen16(const T* w) {
+  if constexpr (FMT == JO_INT8) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+  } else {
+    const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    if constexpr (FMT == JO_BFLOAT16)
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+    else
+      return _mm512_cvtph_ps(half);
+  }
+}
+
+// y[r][0:cols] = scale * sum_k x[r][k] * w[k][0:64] (+ bias) for ROWS rows: input channel k's
+// 64 weights are widened to four float vectors once and used for every row (scale: int8's
+// per-channel scales, or nullptr for none).
+template <int ROWS, int FMT, typename T>
+static inline void jo_wide_tile(const float* x, int64_t xs, const T* w, int64_t K,
+                                const float* scale, const float* bias, float* y, int64_t ys,
+                                int cols) {
   __m512 acc[ROWS][4];
   #pragma GCC unroll 4
   for (int r = 0; r < ROWS; ++r)
@@ -172,9 +203,7 @@ static inline void jo_w8_tile(const float* x, int64_t xs, const int8_t* w, int64
   for (int64_t k = 0; k < K; ++k) {
     __m512 wv[4];
     #pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c)
-      wv[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k * 64 + 16 * c))));
+    for (int c = 0; c < 4; ++c) wv[c] = jo_widen16<FMT>(w + k * 64 + 16 * c);
     #pragma GCC unroll 4
     for (int r = 0; r < ROWS; ++r) {
       const __m512 xb = _mm512_set1_ps(x[r * xs + k]);
@@ -187,7 +216,7 @@ static inline void jo_w8_tile(const float* x, int64_t xs, const int8_t* w, int64
     // Lanes at or past `cols` are padding: neither read (scale, bias) nor written (y).
     const int lanes = std::max(0, std::min(16, cols - 16 * c));
     const __mmask16 keep = __mmask16((1u << lanes) - 1u);
-    const __m512 s = _mm512_maskz_loadu_ps(keep, scale + 16 * c);
+    const __m512 s = scale ? _mm512_maskz_loadu_ps(keep, scale + 16 * c) : _mm512_set1_ps(1.0f);
     const __m512 b = bias ? _mm512_maskz_loadu_ps(keep, bias + 16 * c) : _mm512_setzero_ps();
     #pragma GCC unroll 4
     for (int r = 0; r < ROWS; ++r)

@@ -71,6 +71,12 @@ class HandWritten:
     output_layout: Callable[[Any], tuple | None]  # (shape, strides, dtype, device) if static
 
 
+def _quantized_linear_pointers(spec) -> int:
+    """x, w, y, the bias if any, and the weight's scales: none, per channel, or per group
+    with offsets."""
+    return 3 + spec.bias + {"int8": 1, "int4": 2}.get(spec.weight, 0)
+
+
 HAND_WRITTEN = (
     HandWritten("cpp_attention", attention_groups, attention_node, attention_spec,
                 ATTENTION_PRELUDE, render_attention, render_attention_launcher,
@@ -78,7 +84,7 @@ HAND_WRITTEN = (
                 lambda spec: (*attention_output_layout(spec), torch.float32, "cpu")),
     HandWritten("cpp_quantized_linear", quantized_linear_groups, quantized_linear_node, quantized_linear_spec,
                 QUANTIZED_LINEAR_PRELUDE, render_quantized_linear, render_quantized_linear_launcher,
-                lambda spec: 4 + (spec.bits == 4) + spec.bias, 1, lambda spec: None),
+                lambda spec: _quantized_linear_pointers(spec), 1, lambda spec: None),
 )
 
 

@@ -130,8 +130,6 @@ class _Builder:
 
     def _input(self, node: fx.Node) -> Any:
         val = node.meta.get("val")
-        if val is None:  # a pass that made this value left no metadata: nothing to go on
-            raise Unsupported(f"group input {node.name} has no metadata")
         if not isinstance(val, torch.Tensor):
             return val  # a SymInt or scalar the group reads: used as a constant size
         buffer = Buffer(f"in{len(self.inputs)}", val.dtype)

@@ -9,36 +9,36 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Output channels per block of a packed int8 weight: one 64-byte load per input channel
-# gives a kernel four AVX-512 vectors of weights.
-INT8_BLOCK = 64
+# Output channels per block of a packed weight: a kernel widens one input channel's 64
+# weights (64 bytes of int8, 128 of bfloat16) to four AVX-512 vectors of floats.
+WEIGHT_BLOCK = 64
 
 
-def pack_int8_weight(wq: torch.Tensor) -> torch.Tensor:
-    """[N, K] int8 -> [ceil(N / 64), K, 64]: blocks of 64 output channels, each stored input
+def pack_weight_blocks(wq: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [ceil(N / 64), K, 64]: blocks of 64 output channels, each stored input
     channel by input channel, so a kernel streams a block front to back. Channels past N are
-    zeros."""
+    zeros. (For int8 and for the 16-bit float formats alike.)"""
     n, k = wq.shape
-    blocks = -(-n // INT8_BLOCK)
-    padded = torch.zeros(blocks * INT8_BLOCK, k, dtype=torch.int8)
+    blocks = -(-n // WEIGHT_BLOCK)
+    padded = torch.zeros(blocks * WEIGHT_BLOCK, k, dtype=wq.dtype)
     padded[:n] = wq
-    return padded.view(blocks, INT8_BLOCK, k).transpose(1, 2).contiguous()
+    return padded.view(blocks, WEIGHT_BLOCK, k).transpose(1, 2).contiguous()
 
 
-def unpack_int8_weight(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The inverse of pack_int8_weight: [N, K] int8."""
+def unpack_weight_blocks(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of pack_weight_blocks: [N, K]."""
     blocks, k, _ = packed.shape
-    return packed.transpose(1, 2).reshape(blocks * INT8_BLOCK, k)[:n]
+    return packed.transpose(1, 2).reshape(blocks * WEIGHT_BLOCK, k)[:n]
 
 
 @torch.library.custom_op("jitopt::linear_int8_weight", mutates_args=())
 def linear_int8_weight(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ (unpack(weight) * scale[:, None]).T (+ bias): a linear layer over an int8
-    weight packed by pack_int8_weight, with one float32 scale per output channel (N =
+    weight packed by pack_weight_blocks, with one float32 scale per output channel (N =
     scale's length). x is float32 [M, K]; y float32 [M, N]. This reference dequantizes the
     whole weight on every call; the CPU target runs a kernel that reads it as int8."""
-    weight_float = unpack_int8_weight(weight, scale.shape[0]).float() * scale[:, None]
+    weight_float = unpack_weight_blocks(weight, scale.shape[0]).float() * scale[:, None]
     return F.linear(x, weight_float, bias)
 
 
@@ -55,28 +55,28 @@ def pack_int4_weight(q: torch.Tensor) -> torch.Tensor:
     """[N, K] uint8 holding 0..15 -> [ceil(N / 64), K, 32] uint8: blocks of 64 output channels
     as for int8, two per byte: byte j of an input channel holds channel j in its low nibble
     and channel j + 32 in its high one (one 32-byte load widens to four float vectors)."""
-    blocks = pack_int8_weight(q.to(torch.int8)).to(torch.uint8)  # [NB, K, 64]
+    blocks = pack_weight_blocks(q.to(torch.int8)).to(torch.uint8)  # [NB, K, 64]
     return (blocks[..., :32] | (blocks[..., 32:] << 4)).contiguous()
 
 
 def unpack_int4_weight(packed: torch.Tensor, n: int) -> torch.Tensor:
     """The inverse of pack_int4_weight: [N, K] uint8 holding 0..15."""
     full = torch.cat([packed & 15, packed >> 4], dim=-1)  # [NB, K, 64]
-    return unpack_int8_weight(full.to(torch.int8), n).to(torch.uint8)
+    return unpack_weight_blocks(full.to(torch.int8), n).to(torch.uint8)
 
 
 def pack_group_params(values: torch.Tensor) -> torch.Tensor:
     """[N, groups] float32 -> [ceil(N / 64), groups, 64], in the weight's block order."""
     n, groups = values.shape
-    blocks = -(-n // INT8_BLOCK)
-    padded = torch.zeros(blocks * INT8_BLOCK, groups, dtype=values.dtype)
+    blocks = -(-n // WEIGHT_BLOCK)
+    padded = torch.zeros(blocks * WEIGHT_BLOCK, groups, dtype=values.dtype)
     padded[:n] = values
-    return padded.view(blocks, INT8_BLOCK, groups).transpose(1, 2).contiguous()
+    return padded.view(blocks, WEIGHT_BLOCK, groups).transpose(1, 2).contiguous()
 
 
 def unpack_group_params(packed: torch.Tensor, n: int) -> torch.Tensor:
     blocks, groups, _ = packed.shape
-    return packed.transpose(1, 2).reshape(blocks * INT8_BLOCK, groups)[:n]
+    return packed.transpose(1, 2).reshape(blocks * WEIGHT_BLOCK, groups)[:n]
 
 
 @torch.library.custom_op("jitopt::linear_int4_weight", mutates_args=())
@@ -101,5 +101,23 @@ def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.
       n: int, group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     torch._check(x.dim() == 2 and x.shape[1] == weight.shape[1],
                  lambda: f"linear_int4_weight: x {tuple(x.shape)} against a packed weight "
+                         f"{tuple(weight.shape)}")
+    return x.new_empty(x.shape[0], n)
+
+
+@torch.library.custom_op("jitopt::linear_half_weight", mutates_args=())
+def linear_half_weight(x: torch.Tensor, weight: torch.Tensor, n: int,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W.T (+ bias) with W stored as bfloat16 or float16, packed by pack_weight_blocks,
+    and everything else float32: x [M, K], the products and sums, y [M, n]. This reference
+    widens the whole weight on every call."""
+    return F.linear(x, unpack_weight_blocks(weight, n).float(), bias)
+
+
+@linear_half_weight.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, n: int,
+      bias: torch.Tensor | None = None) -> torch.Tensor:
+    torch._check(x.dim() == 2 and x.shape[1] == weight.shape[1],
+                 lambda: f"linear_half_weight: x {tuple(x.shape)} against a packed weight "
                          f"{tuple(weight.shape)}")
     return x.new_empty(x.shape[0], n)

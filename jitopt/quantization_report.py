@@ -39,6 +39,9 @@ class LayerQuantizer:
             group = self.group_size or DEFAULT_GROUP_SIZE
             return x @ dequantize_int4_grouped(*quantize_int4_grouped(weight.t(), group),
                                                group).t()
+        if self.mode in ("bf16", "fp16"):
+            half = torch.bfloat16 if self.mode == "bf16" else torch.float16
+            return x @ weight.to(half).float()
         raise ValueError(f"no layer quantizer for quantize mode {self.mode!r}")
 
 

@@ -17,6 +17,8 @@ from jitopt.passes.quantize_linear_int8_weight_only import quantize_linear_int8_
 from jitopt.passes.remove_noops import remove_noops
 from jitopt.passes.rewrite_attention import rewrite_attention
 from jitopt.passes.rewrite_gelu_tanh import rewrite_gelu_tanh
+from jitopt.passes.store_linear_weights_half import (
+    store_linear_weights_bf16, store_linear_weights_fp16)
 
 PIPELINE = [
     # First: identities (dropout off, same-shape views, clones) hide the patterns below.
@@ -29,12 +31,14 @@ PIPELINE = [
     fold_linear_bn,
     # GPT-2's GELU written out becomes one op, which the linear epilogue below can take.
     rewrite_gelu_tanh,
-    # quantize="int8", "int8-weight-only" or "int4-weight-only" only (one of them): linears
-    # over frozen weights to int8 products or int8 / int4 weights (before packing, which
-    # would claim them in fp32).
+    # One of these, per the `quantize` option: linears over frozen weights to int8 products,
+    # or to int8 / int4 / bfloat16 / float16 weights (before packing, which would claim them
+    # in fp32).
     quantize_linear_int8,
     quantize_linear_int8_weight_only,
     quantize_linear_int4_weight_only,
+    store_linear_weights_bf16,
+    store_linear_weights_fp16,
     # Frozen linear weights onto oneDNN, packed once (after the BN folds, which match addmm).
     prepack_linear_weights,
     # Then activations right after such a linear become its post-op (before fusion claims them).
@@ -59,12 +63,15 @@ PIPELINE = [
 # semantics, and has no frozen weights to fold).
 INFERENCE_ONLY = frozenset({remove_noops, fold_constants, fold_conv_bn, fold_linear_bn,
                             quantize_linear_int8, quantize_linear_int8_weight_only,
-                            quantize_linear_int4_weight_only, prepack_linear_weights, fuse_linear_epilogues,
+                            quantize_linear_int4_weight_only, store_linear_weights_bf16,
+                            store_linear_weights_fp16, prepack_linear_weights, fuse_linear_epilogues,
                             prepack_convolutions, fuse_conv_epilogues})
 
 # Passes that run only when the `quantize` option names their mode.
 QUANTIZE_PASSES = {"int8": quantize_linear_int8,
                    "int8-weight-only": quantize_linear_int8_weight_only,
-                   "int4-weight-only": quantize_linear_int4_weight_only}
+                   "int4-weight-only": quantize_linear_int4_weight_only,
+                   "bf16": store_linear_weights_bf16,
+                   "fp16": store_linear_weights_fp16}
 
 __all__ = ["PIPELINE", "INFERENCE_ONLY", "QUANTIZE_PASSES", "PassRecord", "run_passes"]

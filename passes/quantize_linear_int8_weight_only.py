@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from jitopt.ops import pack_int8_weight  # (importing jitopt.ops registers the op)
+from jitopt.ops import pack_weight_blocks  # (importing jitopt.ops registers the op)
 from jitopt.passes.constants import add_constant, constant_value
 from jitopt.passes.graph_facts import tensor_meta
 from jitopt.passes.prepack_linear_weights import linear_operands
@@ -36,7 +36,7 @@ def quantize_linear_int8_weight_only(gm: fx.GraphModule) -> int:
                 {**layer, "mode": "fp32 (kept)", "reason": kept})
             continue
         wq, scale = quantize_per_channel(weight)
-        packed = add_constant(gm, pack_int8_weight(wq), node.name + "_int8", node)
+        packed = add_constant(gm, pack_weight_blocks(wq), node.name + "_int8", node)
         scale_node = add_constant(gm, scale, node.name + "_int8_scale", node)
         with gm.graph.inserting_before(node):
             out = gm.graph.call_function(LINEAR_INT8_WEIGHT,

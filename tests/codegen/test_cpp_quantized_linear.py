@@ -10,8 +10,8 @@ import torch
 import jitopt
 from jitopt.codegen.cpp_quantized_linear import QuantizedLinearSpec, render_quantized_linear
 from jitopt.ops import (
-    pack_group_params, pack_int4_weight, pack_int8_weight, unpack_int4_weight,
-    unpack_int8_weight)
+    pack_group_params, pack_int4_weight, pack_weight_blocks, unpack_int4_weight,
+    unpack_weight_blocks)
 
 pytestmark = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
                                 reason="the int8-weight linear kernel is written for AVX-512")
@@ -23,12 +23,12 @@ def _operands(k, n, bias=True):
     torch.manual_seed(k * 1000 + n)
     wq = torch.randint(-127, 128, (n, k), dtype=torch.int8)
     scale = torch.rand(n) / 100 + 1e-3
-    return pack_int8_weight(wq), scale, (torch.randn(n) if bias else None)
+    return pack_weight_blocks(wq), scale, (torch.randn(n) if bias else None)
 
 
 def _reference(x, weight, scale, bias):
     """In float64: the kernel sums in float32, in a different order than ATen."""
-    w = unpack_int8_weight(weight, scale.shape[0]).double() * scale.double()[:, None]
+    w = unpack_weight_blocks(weight, scale.shape[0]).double() * scale.double()[:, None]
     out = x.double() @ w.t()
     return (out if bias is None else out + bias.double()).float()
 
@@ -109,11 +109,25 @@ def test_int4_matches_the_reference(rows, k, n, group_size):
     assert jitopt.counters["kernels"]["cpp_quantized_linear"] == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 5, 70])
+@pytest.mark.parametrize("k,n", [(64, 64), (7, 100)])
+def test_half_weights_match_the_reference(dtype, rows, k, n):
+    torch.manual_seed(k + n)
+    w, bias, x = torch.randn(n, k).to(dtype), torch.randn(n), torch.randn(rows, k)
+    fn = torch.compile(lambda x, w, b: torch.ops.jitopt.linear_half_weight(x, w, n, b),
+                       backend="jitopt")
+    got = fn(x, pack_weight_blocks(w), bias)
+    want = (x.double() @ w.double().t() + bias.double()).float()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert jitopt.counters["kernels"]["cpp_quantized_linear"] == 1
+
+
 def test_pack_and_unpack_are_inverse():
     wq = torch.randint(-127, 128, (70, 5), dtype=torch.int8)
-    packed = pack_int8_weight(wq)
+    packed = pack_weight_blocks(wq)
     assert packed.shape == (2, 5, 64)
-    assert torch.equal(unpack_int8_weight(packed, 70), wq)
+    assert torch.equal(unpack_weight_blocks(packed, 70), wq)
     assert not packed[1, :, 6:].any()  # channels past N are zeros
     q4 = torch.randint(0, 16, (70, 5), dtype=torch.uint8)
     packed4 = pack_int4_weight(q4)
@@ -140,10 +154,10 @@ extern "C" void quantized_linear_0(const float* __restrict__ x, const int8_t* __
       const int64_t end = std::min<int64_t>(M, (chunk + 1) * 64);
       int64_t m = chunk * 64;
       for (; m + 4 <= end; m += 4)
-        jo_w8_tile<4>(x + m * K, K, w + nb * K * 64, K, scale + nb * 64,
+        jo_wide_tile<4, JO_INT8>(x + m * K, K, w + nb * K * 64, K, scale + nb * 64,
             bias + nb * 64, y + m * N + nb * 64, N, cols);
       for (; m < end; ++m)
-        jo_w8_tile<1>(x + m * K, K, w + nb * K * 64, K, scale + nb * 64,
+        jo_wide_tile<1, JO_INT8>(x + m * K, K, w + nb * K * 64, K, scale + nb * 64,
             bias + nb * 64, y + m * N + nb * 64, N, cols);
     }
   }
@@ -152,7 +166,7 @@ extern "C" void quantized_linear_0(const float* __restrict__ x, const int8_t* __
 
     def test_int4_kernel(self):
         source = render_quantized_linear(
-            QuantizedLinearSpec(k=3072, n=768, bias=False, bits=4, group_size=64),
+            QuantizedLinearSpec(k=3072, n=768, bias=False, weight="int4", group_size=64),
             "quantized_linear_1")
         self.assertExpectedInline(source, """\
 

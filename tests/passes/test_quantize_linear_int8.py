@@ -68,7 +68,7 @@ def test_off_by_default_and_in_training():
 
 
 @pytest.mark.parametrize("mode, message", [
-    ("bf16", "not implemented yet"),
+    ("int8-static", "not implemented yet"),
     ("int9", "valid choices are"),
 ])
 def test_unknown_or_unimplemented_modes_are_clear_errors(mode, message):
