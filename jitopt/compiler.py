@@ -20,6 +20,7 @@ from jitopt.config import Config, resolve
 from jitopt.debug import DumpDir, counters, log
 from jitopt.errors import JitoptFallbackWarning
 from jitopt.passes import INFERENCE_ONLY, PIPELINE, QUANTIZE_PASSES, run_passes
+from jitopt.passes.rewrite_kv_cache import rewrite_kv_cache
 from jitopt.passes.constants import meta_like
 from jitopt.passes.graph_facts import is_mutated
 from jitopt.report import AtenGraphReport, GraphReport, discard_graph_report, new_graph_report
@@ -135,6 +136,7 @@ class _FrozenVariants:
         measuring = self.config.quantize is not None and examples is not None
         reference = fx.GraphModule(gm, copy.deepcopy(gm.graph)) if measuring else None
         gm.meta["quantize_group_size"] = self.config.quantize_group_size
+        gm.meta["kv_cache_max_tokens"] = self.config.kv_cache_max_tokens
         if measuring and self.config.quantize_min_sqnr_db is not None:
             gm.meta["quantize_keep"] = _over_budget(reference, examples, self.config,
                                                     self.config.quantize_min_sqnr_db)
@@ -215,7 +217,8 @@ def _lower(gm: fx.GraphModule, kind: str, config: Config, report: AtenGraphRepor
     dump.write("captured.py", lazy=lambda: gm.print_readable(print_output=False))
     passes = [p for p in PIPELINE if p.__name__ not in config.disabled_passes
               and (kind == "inference" or p not in INFERENCE_ONLY)
-              and (p not in QUANTIZE_PASSES.values() or QUANTIZE_PASSES.get(config.quantize) is p)]
+              and (p not in QUANTIZE_PASSES.values() or QUANTIZE_PASSES.get(config.quantize) is p)
+              and (p is not rewrite_kv_cache or config.kv_cache)]
     with capture.real_tensors():
         records = run_passes(gm, passes, verify_each=config.verify == "each",
                              dump=lambda name, text: dump.write(name, lazy=text))

@@ -66,6 +66,15 @@ class Config:
     """For quantize="int4-weight-only": input channels per group sharing one scale and offset
     (smaller: more accurate, more bytes). None: 64."""
 
+    kv_cache: bool = True
+    """Key/value caches that a decode step grows with torch.cat (Hugging Face's DynamicCache,
+    a past_key_values loop) become appends into a buffer with spare capacity, so a step no
+    longer copies the whole cache. Same values as cat; only the strides differ. False: cat."""
+
+    kv_cache_max_tokens: int | None = None
+    """Cap on a cache buffer's length along its sequence dimension; a cache growing past it
+    goes back to copying (cat). None: no cap (a buffer is at most twice the tokens held)."""
+
     background_compile: bool = True
     """Build generated C++ in a background thread: until the compiler finishes, those
     partitions run their ATen ops, so the first call does not wait for g++
@@ -100,7 +109,12 @@ class Config:
                 raise ValueError("jitopt option 'quantize_group_size' applies to "
                                  "quantize='int4-weight-only' only, not to "
                                  f"quantize={self.quantize!r}")
-        for name in ("freeze_weights", "autotune", "background_compile"):
+        if self.kv_cache_max_tokens is not None and (
+                isinstance(self.kv_cache_max_tokens, bool)
+                or not isinstance(self.kv_cache_max_tokens, int) or self.kv_cache_max_tokens < 1):
+            raise ValueError("jitopt option 'kv_cache_max_tokens' must be a positive integer "
+                             f"or None, got {self.kv_cache_max_tokens!r}")
+        for name in ("freeze_weights", "autotune", "background_compile", "kv_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"jitopt option {name!r} must be True or False, "
                                  f"got {getattr(self, name)!r}")

@@ -121,3 +121,15 @@ def _(x: torch.Tensor, weight: torch.Tensor, n: int,
                  lambda: f"linear_half_weight: x {tuple(x.shape)} against a packed weight "
                          f"{tuple(weight.shape)}")
     return x.new_empty(x.shape[0], n)
+
+
+def kv_append(cache: torch.Tensor, new: torch.Tensor, dim: int,
+              max_tokens: int | None = None) -> torch.Tensor:
+    """`torch.cat([cache, new], dim)` for a key/value cache: the same values, returned as a
+    view of a runtime-owned buffer with spare capacity, so a decode step writes only the new
+    positions (see jitopt/runtime/kv_buffer.py). A plain function, not a torch op: its result
+    may share storage with `cache` (never changing what `cache` shows), which no torch op may
+    do."""
+    from jitopt.runtime.kv_buffer import append
+
+    return append(cache, new, dim, max_tokens)

@@ -17,6 +17,7 @@ from jitopt.passes.quantize_linear_int8_weight_only import quantize_linear_int8_
 from jitopt.passes.remove_noops import remove_noops
 from jitopt.passes.rewrite_attention import rewrite_attention
 from jitopt.passes.rewrite_gelu_tanh import rewrite_gelu_tanh
+from jitopt.passes.rewrite_kv_cache import rewrite_kv_cache
 from jitopt.passes.store_linear_weights_half import (
     store_linear_weights_bf16, store_linear_weights_fp16)
 
@@ -50,6 +51,9 @@ PIPELINE = [
     # Attention written out by hand to the fused attention kernel (before fusion would claim
     # its softmax).
     rewrite_attention,
+    # kv_cache=True only: a cache concatenated with a step's keys or values and returned
+    # becomes an append into a buffer with spare capacity.
+    rewrite_kv_cache,
     # After the rewrites: they can expose duplicate ops on the same inputs.
     eliminate_common_subexpressions,
     # Last: sweeps what the rewrites left unused, and frees the constants they replaced.
@@ -64,7 +68,7 @@ PIPELINE = [
 INFERENCE_ONLY = frozenset({remove_noops, fold_constants, fold_conv_bn, fold_linear_bn,
                             quantize_linear_int8, quantize_linear_int8_weight_only,
                             quantize_linear_int4_weight_only, store_linear_weights_bf16,
-                            store_linear_weights_fp16, prepack_linear_weights, fuse_linear_epilogues,
+                            store_linear_weights_fp16, prepack_linear_weights, rewrite_kv_cache, fuse_linear_epilogues,
                             prepack_convolutions, fuse_conv_epilogues})
 
 # Passes that run only when the `quantize` option names their mode.

@@ -8,9 +8,13 @@ import operator
 import torch
 import torch.fx as fx
 
-# Python-level callables a graph may hold besides ATen overloads: tuple indexing and the
-# SymInt arithmetic Dynamo emits for dynamic shapes.
+from jitopt.ops import kv_append
+
+# Python-level callables a graph may hold besides ATen overloads: tuple indexing, the SymInt
+# arithmetic Dynamo emits for dynamic shapes, and jitopt's own KV-cache append (which no torch
+# op can express: its result may share storage with its input).
 ALLOWED_FUNCTIONS = frozenset([
+    kv_append,
     operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv,
     operator.truediv, operator.mod, operator.pow, operator.neg, operator.eq, operator.ne,
     operator.lt, operator.le, operator.gt, operator.ge, operator.and_, operator.or_,
