@@ -10,6 +10,7 @@ from jitopt.ops import pack_group_params, pack_int4_weight  # (registers the op)
 from jitopt.passes.constants import add_constant, constant_value
 from jitopt.passes.graph_facts import tensor_meta
 from jitopt.passes.prepack_linear_weights import linear_operands
+from jitopt.passes.quantize_linear_int8 import sqnr_db
 
 LINEAR_INT4_WEIGHT = torch.ops.jitopt.linear_int4_weight.default
 INT4_LEVELS = 15  # codes 0..15
@@ -53,7 +54,7 @@ def quantize_linear_int4_weight_only(gm: fx.GraphModule) -> int:
         restored = dequantize_int4_grouped(q, scale, offset, group_size)
         gm.meta.setdefault("quantized_layers", []).append(
             {**layer, "mode": f"int4-weight-only (groups of {group_size})",
-             "weight_sqnr_db": round(_sqnr_db(weight, restored), 2)})
+             "weight_sqnr_db": round(sqnr_db(weight, restored), 2)})
         rewrites += 1
     return rewrites
 
@@ -90,7 +91,3 @@ def _grouped(t: torch.Tensor, group_size: int) -> torch.Tensor:
     padded = torch.nn.functional.pad(t, (0, pad)) if pad else t
     return padded.reshape(t.shape[0], -1, group_size)
 
-
-def _sqnr_db(weight: torch.Tensor, restored: torch.Tensor) -> float:
-    noise = (weight - restored).pow(2).sum().clamp_min(1e-30)
-    return float(10 * torch.log10(weight.pow(2).sum() / noise))

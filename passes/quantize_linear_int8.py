@@ -96,9 +96,14 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def weight_sqnr_db(weight: torch.Tensor, quantized: torch.Tensor, scale: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio of the weight, in dB (higher is better)."""
-    error = weight - quantized.float() * scale[:, None]
-    noise = error.pow(2).sum().clamp_min(1e-30)
-    return float(10 * torch.log10(weight.pow(2).sum() / noise))
+    return sqnr_db(weight, quantized.float() * scale[:, None])
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """10 log10(|reference|^2 / |reference - approx|^2): how far below the signal the error
+    of an approximation (a quantized weight) sits, in dB."""
+    noise = (reference - approx).pow(2).sum().clamp_min(1e-30)
+    return float(10 * torch.log10(reference.pow(2).sum() / noise))
 
 
 def _int8_linear(graph: fx.Graph, x: fx.Node, wq: fx.Node, w_scale: fx.Node,

@@ -10,6 +10,7 @@ from jitopt.ops import pack_weight_blocks  # (importing jitopt.ops registers the
 from jitopt.passes.constants import add_constant, constant_value
 from jitopt.passes.graph_facts import tensor_meta
 from jitopt.passes.prepack_linear_weights import linear_operands
+from jitopt.passes.quantize_linear_int8 import sqnr_db
 
 LINEAR_HALF_WEIGHT = torch.ops.jitopt.linear_half_weight.default
 # Above this many rows of x a linear stays fp32 (oneDNN's packed fp32 GEMM). Measured here on
@@ -58,7 +59,7 @@ def _store_half(gm: fx.GraphModule, dtype: torch.dtype) -> int:
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
         gm.meta.setdefault("quantized_layers", []).append(
-            {**layer, "mode": mode, "weight_sqnr_db": round(_sqnr_db(weight, half.float()), 2)})
+            {**layer, "mode": mode, "weight_sqnr_db": round(sqnr_db(weight, half.float()), 2)})
         rewrites += 1
     return rewrites
 
@@ -76,7 +77,3 @@ def _kept_reason(gm: fx.GraphModule, node: fx.Node, weight: torch.Tensor, dtype:
         return "weights beyond float16's range"
     return None
 
-
-def _sqnr_db(weight: torch.Tensor, restored: torch.Tensor) -> float:
-    noise = (weight - restored).pow(2).sum().clamp_min(1e-30)
-    return float(10 * torch.log10(weight.pow(2).sum() / noise))

@@ -7,6 +7,12 @@ positions when `cache` is exactly the valid prefix of such a buffer (the previou
 result). Semantics stay those of cat: nothing any existing tensor shows is ever written. When
 `cache` is not that frontier (the first step, a new prompt, a fork of one prefix into two
 continuations, beam search reordering) the values are copied into a fresh buffer.
+
+A buffer keeps the sequence dimension outermost ([capacity, *other dims]) and hands out
+views with `dim` moved back into place: their strides then do not depend on the capacity, so
+growing a buffer does not change them, and Dynamo's stride guards do not recompile the decode
+step. For Hugging Face's [B, H, S, D] caches at batch 1 these are also exactly the strides of
+the keys a prefill produces (a transpose of [B, S, H, D]).
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ MIN_CAPACITY = 64  # positions; a buffer then doubles, so memory stays within 2x
 
 
 class _Buffer:
-    """A buffer's base tensor (weakly: the views handed out keep it alive) and how many
-    positions along `dim` are valid, i.e. already shown by some view."""
+    """A buffer's base tensor ([capacity, *other dims]; weakly: the views handed out keep it
+    alive), the dimension its views put the sequence in, and how many positions are valid,
+    i.e. already shown by some view."""
 
     def __init__(self, base: torch.Tensor, dim: int, valid: int) -> None:
         self.base, self.dim, self.valid = weakref.ref(base), dim, valid
+        self.strides = _view(base, dim, valid).stride()
 
 
 _buffers: dict[int, _Buffer] = {}  # id(base) -> its state (removed when the base dies)
@@ -43,11 +51,11 @@ def append(cache: torch.Tensor, new: torch.Tensor, dim: int,
     with _lock:
         state = _frontier(cache, dim)
         base = state.base() if state is not None else None
-        if base is not None and base.shape[dim] >= total and _same_other_sizes(cache, new, dim):
-            base.narrow(dim, length, new.shape[dim]).copy_(new)
+        if base is not None and base.shape[0] >= total and _same_other_sizes(cache, new, dim):
+            base.narrow(0, length, new.shape[dim]).movedim(0, dim).copy_(new)
             state.valid = total
             counters["appended_in_place"] += 1
-            return base.narrow(dim, 0, total)
+            return _view(base, dim, total)
     if max_tokens is not None and total > max_tokens:
         return torch.cat([cache, new], dim)
     return _fresh(cache, new, dim, total, max_tokens)
@@ -59,10 +67,15 @@ def _frontier(cache: torch.Tensor, dim: int) -> _Buffer | None:
     state = _buffers.get(id(base)) if base is not None else None
     if state is None or state.base() is not base or state.dim != dim:
         return None
-    if (cache.data_ptr() != base.data_ptr() or cache.stride() != base.stride()
+    if (cache.data_ptr() != base.data_ptr() or cache.stride() != state.strides
             or state.valid != cache.shape[dim]):
         return None
     return state
+
+
+def _view(base: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    """The first `length` positions of a buffer, with the sequence dimension at `dim`."""
+    return base.narrow(0, 0, length).movedim(0, dim)
 
 
 def _same_other_sizes(cache: torch.Tensor, new: torch.Tensor, dim: int) -> bool:
@@ -79,17 +92,17 @@ def _fresh(cache: torch.Tensor, new: torch.Tensor, dim: int, total: int,
         capacity *= 2
     if max_tokens is not None:
         capacity = max(total, min(capacity, max_tokens))
-    shape = list(cache.shape)
-    shape[dim] = capacity
-    base = torch.empty(shape, dtype=cache.dtype, device=cache.device)
-    base.narrow(dim, 0, cache.shape[dim]).copy_(cache)
-    base.narrow(dim, cache.shape[dim], new.shape[dim]).copy_(new)
+    other = [size for d, size in enumerate(cache.shape) if d != dim]
+    base = torch.empty([capacity, *other], dtype=cache.dtype, device=cache.device)
+    length = cache.shape[dim]
+    base.narrow(0, 0, length).movedim(0, dim).copy_(cache)
+    base.narrow(0, length, new.shape[dim]).movedim(0, dim).copy_(new)
     key = id(base)
     with _lock:
         _buffers[key] = _Buffer(base, dim, total)
     weakref.finalize(base, _buffers.pop, key, None)
     counters["copied"] += 1
-    return base.narrow(dim, 0, total)
+    return _view(base, dim, total)
 
 
 def held_buffers() -> int:
