@@ -23,18 +23,20 @@ def test_a_chain_of_steps_appends_in_place_after_the_first():
         assert torch.equal(cache, want)
     copied = kv_buffer.counters["copied"] - before["copied"]
     in_place = kv_buffer.counters["appended_in_place"] - before["appended_in_place"]
-    assert copied == 2 and in_place == 98  # a copy into 64, then one growth to 128
-    assert cache._base.shape[0] == 128  # capacity at most twice the tokens held
+    assert copied == 3 and in_place == 97  # exact size, then 64, then one growth to 128
+    assert cache._base.shape[-2] == 128  # capacity at most twice the tokens held
 
 
-def test_growing_keeps_the_strides_of_a_transposed_prefill():
-    """Strides that do not depend on the capacity: Dynamo guards on strides, so a change at
-    each growth would recompile the decode step."""
+def test_a_foreign_cache_first_gets_an_exact_buffer_then_a_growable_one():
+    """The strides change between the first and second appends (exact, then capacity 64),
+    not at the first growth: Dynamo's one stride recompile then falls in the first steps."""
     prefill = torch.randn(1, 40, 4, 16).transpose(1, 2)  # Hugging Face's [B, H, S, D] keys
-    cache = prefill
-    for _ in range(100):  # through capacities 64 and 128
-        cache = kv_buffer.append(cache, torch.randn(1, 4, 1, 16), 2)
-        assert cache.stride()[1:] == prefill.stride()[1:]  # (dim 0 has size 1)
+    first = kv_buffer.append(prefill, torch.randn(1, 4, 1, 16), 2)
+    assert first.is_contiguous() and first._base.shape[2] == 41
+    second = kv_buffer.append(first, torch.randn(1, 4, 1, 16), 2)
+    assert second._base.shape[2] == 64
+    third = kv_buffer.append(second, torch.randn(1, 4, 1, 16), 2)
+    assert third._base is second._base and third.stride() == second.stride()
 
 
 def test_forked_continuations_do_not_see_each_other():
@@ -58,11 +60,12 @@ def test_an_older_view_is_never_overwritten():
 
 def test_max_tokens_caps_the_buffer():
     cache = torch.randn(1, 1, 10, 4)
-    out = kv_buffer.append(cache, torch.randn(1, 1, 1, 4), 2, max_tokens=16)
-    assert out._base.shape[0] == 16
-    for _ in range(5):
+    out = kv_buffer.append(cache, torch.randn(1, 1, 1, 4), 2, max_tokens=16)  # exact: 11
+    out = kv_buffer.append(out, torch.randn(1, 1, 1, 4), 2, max_tokens=16)
+    assert out._base.shape[2] == 16
+    for _ in range(4):
         out = kv_buffer.append(out, torch.randn(1, 1, 1, 4), 2, max_tokens=16)
-    assert out.shape[2] == 16 and out._base.shape[0] == 16
+    assert out.shape[2] == 16 and out._base.shape[2] == 16
     past = kv_buffer.append(out, torch.randn(1, 1, 1, 4), 2, max_tokens=16)
     assert past.shape[2] == 17 and past._base is None  # a plain cat past the cap
 
