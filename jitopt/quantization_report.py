@@ -39,6 +39,9 @@ class LayerQuantizer:
             group = self.group_size or DEFAULT_GROUP_SIZE
             return x @ dequantize_int4_grouped(*quantize_int4_grouped(weight.t(), group),
                                                group).t()
+        if self.mode == "bf16" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            # bf16 compute, as its pass chooses where faster (float32 sums of rounded values)
+            return x.to(torch.bfloat16).float() @ weight.to(torch.bfloat16).float()
         if self.mode in ("bf16", "fp16"):
             half = torch.bfloat16 if self.mode == "bf16" else torch.float16
             return x @ weight.to(half).float()

@@ -1,7 +1,9 @@
-"""Linear layers over frozen weights to bfloat16 or float16 weights with float32 activations
-and arithmetic (`quantize="bf16"` / `"fp16"`)."""
+"""Linear layers over frozen weights to bfloat16 compute on oneDNN, or to bfloat16 / float16
+weights with float32 activations and arithmetic (`quantize="bf16"` / `"fp16"`)."""
 
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.fx as fx
@@ -12,7 +14,9 @@ from jitopt.passes.graph_facts import tensor_meta
 from jitopt.passes.prepack_linear_weights import linear_operands
 from jitopt.passes.quantize_linear_int8 import sqnr_db
 
+aten = torch.ops.aten
 LINEAR_HALF_WEIGHT = torch.ops.jitopt.linear_half_weight.default
+ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise.default
 # Above this many rows of x a linear stays fp32 (oneDNN's packed fp32 GEMM). Measured here on
 # GPT-2's shapes, the bfloat16-weight kernel against jitopt's fp32 linear: 1.5-2.2x at 1 row,
 # 1.1-1.3x at 16-32, 1.02-1.08x at 64-128 (weights in cache; from memory, decoding, more).
@@ -22,11 +26,87 @@ MAX_ROWS = 128
 
 
 def store_linear_weights_bf16(gm: fx.GraphModule) -> int:
-    """Rewrites x @ W (+ b) with a frozen float32 weight on CPU and at most MAX_ROWS rows of x
-    (or a symbolic count) to `jitopt::linear_half_weight` with W rounded to bfloat16: x, the
-    products, the sums and y stay float32, so the only error is the weight's rounding (8 bits
-    of mantissa), reported per layer. Layers with more rows keep fp32, and say why."""
-    return _store_half(gm, torch.bfloat16)
+    """Rewrites x @ W (+ b) with a frozen float32 weight on CPU to a oneDNN bfloat16 linear
+    (x and W rounded to bfloat16, products summed in float32, y back to float32) where that
+    measured faster than oneDNN's fp32 linear at the example's row count (timed once per
+    shape; on this CPU's AVX512-BF16 about 2x from 16 rows up); a layer where fp32 is faster
+    keeps fp32 and says so. Not exact: x's and W's rounding to 8 bits of mantissa, reported
+    per layer. Without bfloat16 support in oneDNN: bfloat16 weights with float32 activations
+    and arithmetic (`jitopt::linear_half_weight`), as store_linear_weights_fp16 does."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return _store_half(gm, torch.bfloat16)
+    rewrites = 0
+    for node in list(gm.graph.nodes):
+        operands = linear_operands(node)
+        if operands is None or tensor_meta(operands[0]).dim() != 2:
+            continue
+        x, weight_node, bias_node = operands
+        weight = constant_value(weight_node).t()  # [N, K]
+        layer = {"layer": node.name, "shape": list(weight.shape)}
+        rows = tensor_meta(x).shape[0]
+        kept = gm.meta.get("quantize_keep", {}).get(node.name)
+        if kept is None and not bf16_linear_faster(rows if isinstance(rows, int) else 1,
+                                                   *weight.shape):
+            kept = f"{rows} rows: oneDNN's fp32 linear measured faster than its bf16 one"
+        if kept is not None:
+            gm.meta.setdefault("quantized_layers", []).append(
+                {**layer, "mode": "fp32 (kept)", "reason": kept})
+            continue
+        half = weight.to(torch.bfloat16)
+        packed = add_constant(gm, torch.ops.mkldnn._reorder_linear_weight(half, None),
+                              f"{node.name}_bf16_packed", node)
+        bias = None if bias_node is None else add_constant(
+            gm, constant_value(bias_node).to(torch.bfloat16), f"{node.name}_bf16_bias", node)
+        with gm.graph.inserting_before(node):
+            out = _bf16_linear(gm.graph, x, packed, bias, node.meta["val"])
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+        gm.meta.setdefault("quantized_layers", []).append(
+            {**layer, "mode": "bf16 (oneDNN)",
+             "weight_sqnr_db": round(sqnr_db(weight, half.float()), 2)})
+        rewrites += 1
+    return rewrites
+
+
+def _bf16_linear(graph: fx.Graph, x: fx.Node, packed: fx.Node, bias: fx.Node | None,
+                 out_val: torch.Tensor) -> fx.Node:
+    """float32 x -> bfloat16 -> oneDNN linear -> float32 (both conversions are pointwise: they
+    fuse into the generated kernels beside them)."""
+    x_half = graph.call_function(aten._to_copy.default, (x,), {"dtype": torch.bfloat16})
+    x_half.meta["val"] = tensor_meta(x).to(torch.bfloat16)
+    linear = graph.call_function(ONEDNN_LINEAR, (x_half, packed, bias, "none", [], ""))
+    linear.meta["val"] = out_val.to(torch.bfloat16)
+    out = graph.call_function(aten._to_copy.default, (linear,), {"dtype": torch.float32})
+    out.meta["val"] = out_val
+    return out
+
+
+# (rows, N, K) -> is oneDNN's bf16 linear faster than its fp32 one? Measured once per process.
+_BF16_FASTER: dict[tuple[int, int, int], bool] = {}
+
+
+def bf16_linear_faster(rows: int, n: int, k: int) -> bool:
+    """Time oneDNN's fp32 and bf16 linears (packed weights; the bf16 one with its conversions
+    of x and y) on random data of this shape."""
+    key = (rows, n, k)
+    if key not in _BF16_FASTER:
+        x, w = torch.randn(rows, k), torch.randn(n, k)
+        fp32 = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        bf16 = torch.ops.mkldnn._reorder_linear_weight(w.to(torch.bfloat16), None)
+        seconds = {
+            "fp32": _seconds(lambda: ONEDNN_LINEAR(x, fp32, None, "none", [], "")),
+            "bf16": _seconds(lambda: ONEDNN_LINEAR(x.to(torch.bfloat16), bf16, None, "none",
+                                                   [], "").float())}
+        _BF16_FASTER[key] = seconds["bf16"] < seconds["fp32"]
+    return _BF16_FASTER[key]
+
+
+def _seconds(fn, repeats: int = 3) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return time.perf_counter() - start
 
 
 def store_linear_weights_fp16(gm: fx.GraphModule) -> int:
