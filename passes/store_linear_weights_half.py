@@ -23,6 +23,13 @@ ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise.default
 # Beyond that it is unmeasured, and the kernel has no cache blocking over K that a large
 # GEMM needs.
 MAX_ROWS = 128
+# At most this many rows (decoding), "bf16" too keeps x in float32 and reads bfloat16 weights
+# in jitopt's kernel: reading the weights from memory is the cost there, and that kernel
+# streams them faster than oneDNN's bf16 linear (GPT-2 generation 3.3x eager against 2.8x).
+WEIGHT_ONLY_ROWS = 8
+# The half-weight kernel is written for AVX-512 (codegen/cpp_quantized_linear.py); elsewhere
+# the op would run its reference, which widens the whole weight on every call.
+AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def store_linear_weights_bf16(gm: fx.GraphModule) -> int:
@@ -45,6 +52,9 @@ def store_linear_weights_bf16(gm: fx.GraphModule) -> int:
         layer = {"layer": node.name, "shape": list(weight.shape)}
         rows = tensor_meta(x).shape[0]
         kept = gm.meta.get("quantize_keep", {}).get(node.name)
+        if kept is None and isinstance(rows, int) and rows <= WEIGHT_ONLY_ROWS and AVX512:
+            rewrites += _half_weights(gm, node, x, weight, bias_node, torch.bfloat16)
+            continue
         if kept is None and not bf16_linear_faster(rows if isinstance(rows, int) else 1,
                                                    *weight.shape):
             kept = f"{rows} rows: oneDNN's fp32 linear measured faster than its bf16 one"
@@ -116,7 +126,6 @@ def store_linear_weights_fp16(gm: fx.GraphModule) -> int:
 
 
 def _store_half(gm: fx.GraphModule, dtype: torch.dtype) -> int:
-    mode = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     rewrites = 0
     for node in list(gm.graph.nodes):
         operands = linear_operands(node)
@@ -130,18 +139,25 @@ def _store_half(gm: fx.GraphModule, dtype: torch.dtype) -> int:
             gm.meta.setdefault("quantized_layers", []).append(
                 {**layer, "mode": "fp32 (kept)", "reason": kept})
             continue
-        half = weight.to(dtype)
-        packed = add_constant(gm, pack_weight_blocks(half), f"{node.name}_{mode}", node)
-        with gm.graph.inserting_before(node):
-            out = gm.graph.call_function(LINEAR_HALF_WEIGHT,
-                                         (x, packed, weight.shape[0], bias_node))
-        out.meta["val"] = node.meta["val"]
-        node.replace_all_uses_with(out)
-        gm.graph.erase_node(node)
-        gm.meta.setdefault("quantized_layers", []).append(
-            {**layer, "mode": mode, "weight_sqnr_db": round(sqnr_db(weight, half.float()), 2)})
-        rewrites += 1
+        rewrites += _half_weights(gm, node, x, weight, bias_node, dtype)
     return rewrites
+
+
+def _half_weights(gm: fx.GraphModule, node: fx.Node, x: fx.Node, weight: torch.Tensor,
+                  bias_node: fx.Node | None, dtype: torch.dtype) -> int:
+    """Replace the linear `node` by `jitopt::linear_half_weight` over `weight` in `dtype`."""
+    mode = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    half = weight.to(dtype)
+    packed = add_constant(gm, pack_weight_blocks(half), f"{node.name}_{mode}", node)
+    with gm.graph.inserting_before(node):
+        out = gm.graph.call_function(LINEAR_HALF_WEIGHT, (x, packed, weight.shape[0], bias_node))
+    out.meta["val"] = node.meta["val"]
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+    gm.meta.setdefault("quantized_layers", []).append(
+        {"layer": node.name, "shape": list(weight.shape), "mode": f"{mode} (weights only)",
+         "weight_sqnr_db": round(sqnr_db(weight, half.float()), 2)})
+    return 1
 
 
 def _kept_reason(gm: fx.GraphModule, node: fx.Node, weight: torch.Tensor, dtype: torch.dtype,

@@ -39,7 +39,7 @@ def _eager_half_weights(model, dtype, x, round_inputs=False):
 
 
 @pytest.mark.skipif(not ONEDNN_BF16, reason="oneDNN has no bfloat16 support on this CPU")
-@pytest.mark.parametrize("shape", [(1, 64), (3, 5, 64)])
+@pytest.mark.parametrize("shape", [(16, 64), (3, 7, 64)])
 def test_bf16_computes_on_onednn_where_faster(shape, monkeypatch):
     monkeypatch.setattr(PASS, "bf16_linear_faster", lambda rows, n, k: True)
     model, x = _mlp(), torch.randn(*shape)
@@ -56,10 +56,19 @@ def test_bf16_computes_on_onednn_where_faster(shape, monkeypatch):
     assert F.cosine_similarity(got.flatten(), model(x).flatten(), 0) > 0.9999
 
 
+@pytest.mark.skipif(not AVX512, reason="the half-weight kernel is written for AVX-512")
+def test_bf16_decoding_reads_bf16_weights_in_float32_arithmetic():
+    model, x = _mlp(), torch.randn(2, 64)  # a decode step's few rows: memory-bound
+    with torch.no_grad():
+        report = jitopt.explain(model, x, quantize="bf16")
+    layers = report.graphs[0].aten[0].quantized_layers
+    assert [q["mode"] for q in layers] == ["bf16 (weights only)"] * 2
+
+
 @pytest.mark.skipif(not ONEDNN_BF16, reason="oneDNN has no bfloat16 support on this CPU")
 def test_bf16_keeps_fp32_where_fp32_measures_faster(monkeypatch):
     monkeypatch.setattr(PASS, "bf16_linear_faster", lambda rows, n, k: False)
-    model, x = _mlp(), torch.randn(4, 64)
+    model, x = _mlp(), torch.randn(12, 64)
     with torch.no_grad():
         report = jitopt.explain(model, x, quantize="bf16")
     layers = report.graphs[0].aten[0].quantized_layers
@@ -101,4 +110,4 @@ def test_fp16_keeps_a_layer_whose_weights_overflow_it():
         report = jitopt.explain(model, torch.randn(2, 64), quantize="fp16")
     layers = report.graphs[0].aten[0].quantized_layers
     assert layers[0]["mode"] == "fp32 (kept)" and "float16's range" in layers[0]["reason"]
-    assert layers[1]["mode"] == "fp16" and layers[1]["weight_sqnr_db"] > 60
+    assert layers[1]["mode"] == "fp16 (weights only)" and layers[1]["weight_sqnr_db"] > 60
