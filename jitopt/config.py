@@ -52,9 +52,11 @@ class Config:
     memory-bound decoding: a quarter of the weight bytes, only the weights' rounding error).
     "int4-weight-only": 4-bit weights in groups along the input channels (see
     `quantize_group_size`), float32 activations and arithmetic: an eighth of the bytes.
-    "bf16" / "fp16": bfloat16 / float16 weights, float32 activations and arithmetic, for the
-    layers where that is faster (few rows of x: decoding); the others keep fp32 (a bf16
-    matmul runs at 0.6x fp32's speed on this kind of CPU, so compute stays fp32).
+    "bf16": bfloat16 compute on oneDNN (float32 sums) for each layer where that is timed
+    faster than fp32, and for decoding-sized layers (<= 8 rows) bfloat16 weights with float32
+    activations and arithmetic. "fp16": float16 weights with float32 activations and
+    arithmetic for layers of at most 128 rows (oneDNN has no fast float16 path on CPUs without
+    AVX512-FP16); other layers keep fp32.
     `jitopt.explain` lists each quantized layer with its weight's SQNR. Not exact: check the outputs against fp32 for your model. None: full precision."""
 
     quantize_min_sqnr_db: float | None = None
