@@ -7,9 +7,8 @@ import torch
 import torch.fx as fx
 
 from jitopt.ops import pack_group_params, pack_int4_weight  # (registers the op)
-from jitopt.passes.constants import add_constant, constant_value
-from jitopt.passes.graph_facts import tensor_meta
-from jitopt.passes.prepack_linear_weights import linear_operands
+from jitopt.passes.constants import add_constant
+from jitopt.passes.frozen_linears import frozen_linears, record_layer
 from jitopt.passes.quantize_linear_int8 import sqnr_db
 
 LINEAR_INT4_WEIGHT = torch.ops.jitopt.linear_int4_weight.default
@@ -28,18 +27,7 @@ def quantize_linear_int4_weight_only(gm: fx.GraphModule) -> int:
     decoding. Layers named in gm.meta["quantize_keep"] stay fp32."""
     group_size = gm.meta.get("quantize_group_size") or DEFAULT_GROUP_SIZE
     rewrites = 0
-    for node in list(gm.graph.nodes):
-        operands = linear_operands(node)
-        if operands is None or tensor_meta(operands[0]).dim() != 2:
-            continue
-        x, weight_node, bias_node = operands
-        weight = constant_value(weight_node).t()  # [N, K]
-        layer = {"layer": node.name, "shape": list(weight.shape)}
-        kept = gm.meta.get("quantize_keep", {}).get(node.name)
-        if kept is not None:
-            gm.meta.setdefault("quantized_layers", []).append(
-                {**layer, "mode": "fp32 (kept)", "reason": kept})
-            continue
+    for node, x, weight, bias_node in frozen_linears(gm):
         q, scale, offset = quantize_int4_grouped(weight, group_size)
         args = [x] + [add_constant(gm, value, f"{node.name}_int4{suffix}", node)
                       for value, suffix in ((pack_int4_weight(q), ""),
@@ -52,9 +40,8 @@ def quantize_linear_int4_weight_only(gm: fx.GraphModule) -> int:
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
         restored = dequantize_int4_grouped(q, scale, offset, group_size)
-        gm.meta.setdefault("quantized_layers", []).append(
-            {**layer, "mode": f"int4-weight-only (groups of {group_size})",
-             "weight_sqnr_db": round(sqnr_db(weight, restored), 2)})
+        record_layer(gm, node, weight, f"int4-weight-only (groups of {group_size})",
+                     weight_sqnr_db=round(sqnr_db(weight, restored), 2))
         rewrites += 1
     return rewrites
 

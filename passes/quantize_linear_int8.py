@@ -7,9 +7,9 @@ import time
 import torch
 import torch.fx as fx
 
-from jitopt.passes.constants import add_constant, constant_value
+from jitopt.passes.constants import add_constant
 from jitopt.passes.graph_facts import tensor_meta
-from jitopt.passes.prepack_linear_weights import linear_operands
+from jitopt.passes.frozen_linears import frozen_linears, record_layer
 from jitopt.passes.refresh_meta import fake_value
 
 aten = torch.ops.aten
@@ -30,19 +30,8 @@ def quantize_linear_int8(gm: fx.GraphModule) -> int:
     stored in whichever memory order _int_mm measured faster at the example's shape. Layers
     named in gm.meta["quantize_keep"] (an accuracy budget's verdict) stay fp32."""
     rewrites = 0
-    for node in list(gm.graph.nodes):
-        operands = linear_operands(node)
-        if operands is None or tensor_meta(operands[0]).dim() != 2:
-            continue
-        x, weight_node, bias_node = operands
-        weight = constant_value(weight_node)  # [K, N]
-        kept = gm.meta.get("quantize_keep", {}).get(node.name)
-        if kept is not None:  # the accuracy budget keeps this layer in fp32
-            gm.meta.setdefault("quantized_layers", []).append(
-                {"layer": node.name, "mode": "fp32 (kept)", "shape": list(weight.t().shape),
-                 "reason": kept})
-            continue
-        wq, w_scale = quantize_per_channel(weight.t())  # [N, K] int8, [N]
+    for node, x, weight, bias_node in frozen_linears(gm):
+        wq, w_scale = quantize_per_channel(weight)  # [N, K] int8, [N]
         layout = faster_weight_layout(tensor_meta(x).shape[0], *wq.shape)
         wq_kn = wq.t() if layout == "NK" else wq.t().contiguous()  # [K, N], either memory order
         wq_node = add_constant(gm, wq_kn, node.name + "_int8", node)
@@ -52,10 +41,9 @@ def quantize_linear_int8(gm: fx.GraphModule) -> int:
         out.meta["val"] = node.meta["val"]
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
-        gm.meta.setdefault("quantized_layers", []).append(
-            {"layer": node.name, "mode": "int8", "shape": list(weight.t().shape),
-             "weight_sqnr_db": round(weight_sqnr_db(weight.t(), wq, w_scale), 2),
-             "weight_layout": layout})
+        record_layer(gm, node, weight, "int8",
+                     weight_sqnr_db=round(weight_sqnr_db(weight, wq, w_scale), 2),
+                     weight_layout=layout)
         rewrites += 1
     return rewrites
 

@@ -7,9 +7,8 @@ import torch
 import torch.fx as fx
 
 from jitopt.ops import pack_weight_blocks  # (importing jitopt.ops registers the op)
-from jitopt.passes.constants import add_constant, constant_value
-from jitopt.passes.graph_facts import tensor_meta
-from jitopt.passes.prepack_linear_weights import linear_operands
+from jitopt.passes.constants import add_constant
+from jitopt.passes.frozen_linears import frozen_linears, record_layer
 from jitopt.passes.quantize_linear_int8 import quantize_per_channel, weight_sqnr_db
 
 LINEAR_INT8_WEIGHT = torch.ops.jitopt.linear_int8_weight.default
@@ -23,18 +22,7 @@ def quantize_linear_int8_weight_only(gm: fx.GraphModule) -> int:
     the cost (decoding a token reads every weight for one row of x): a quarter of the bytes.
     Layers named in gm.meta["quantize_keep"] stay fp32."""
     rewrites = 0
-    for node in list(gm.graph.nodes):
-        operands = linear_operands(node)
-        if operands is None or tensor_meta(operands[0]).dim() != 2:
-            continue
-        x, weight_node, bias_node = operands
-        weight = constant_value(weight_node).t()  # [N, K]
-        layer = {"layer": node.name, "shape": list(weight.shape)}
-        kept = gm.meta.get("quantize_keep", {}).get(node.name)
-        if kept is not None:
-            gm.meta.setdefault("quantized_layers", []).append(
-                {**layer, "mode": "fp32 (kept)", "reason": kept})
-            continue
+    for node, x, weight, bias_node in frozen_linears(gm):
         wq, scale = quantize_per_channel(weight)
         packed = add_constant(gm, pack_weight_blocks(wq), node.name + "_int8", node)
         scale_node = add_constant(gm, scale, node.name + "_int8_scale", node)
@@ -44,9 +32,8 @@ def quantize_linear_int8_weight_only(gm: fx.GraphModule) -> int:
         out.meta["val"] = node.meta["val"]
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
-        gm.meta.setdefault("quantized_layers", []).append(
-            {**layer, "mode": "int8-weight-only",
-             "weight_sqnr_db": round(weight_sqnr_db(weight, wq, scale), 2)})
+        record_layer(gm, node, weight, "int8-weight-only",
+                     weight_sqnr_db=round(weight_sqnr_db(weight, wq, scale), 2))
         rewrites += 1
     return rewrites
 

@@ -11,7 +11,7 @@ import torch.fx as fx
 from jitopt.ops import pack_weight_blocks  # (importing jitopt.ops registers the op)
 from jitopt.passes.constants import add_constant, constant_value
 from jitopt.passes.graph_facts import tensor_meta
-from jitopt.passes.prepack_linear_weights import linear_operands
+from jitopt.passes.frozen_linears import frozen_linears, record_layer
 from jitopt.passes.quantize_linear_int8 import sqnr_db
 
 aten = torch.ops.aten
@@ -43,24 +43,14 @@ def store_linear_weights_bf16(gm: fx.GraphModule) -> int:
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return _store_half(gm, torch.bfloat16)
     rewrites = 0
-    for node in list(gm.graph.nodes):
-        operands = linear_operands(node)
-        if operands is None or tensor_meta(operands[0]).dim() != 2:
-            continue
-        x, weight_node, bias_node = operands
-        weight = constant_value(weight_node).t()  # [N, K]
-        layer = {"layer": node.name, "shape": list(weight.shape)}
+    for node, x, weight, bias_node in frozen_linears(gm):
         rows = tensor_meta(x).shape[0]
-        kept = gm.meta.get("quantize_keep", {}).get(node.name)
-        if kept is None and isinstance(rows, int) and rows <= WEIGHT_ONLY_ROWS and AVX512:
+        if isinstance(rows, int) and rows <= WEIGHT_ONLY_ROWS and AVX512:
             rewrites += _half_weights(gm, node, x, weight, bias_node, torch.bfloat16)
             continue
-        if kept is None and not bf16_linear_faster(rows if isinstance(rows, int) else 1,
-                                                   *weight.shape):
-            kept = f"{rows} rows: oneDNN's fp32 linear measured faster than its bf16 one"
-        if kept is not None:
-            gm.meta.setdefault("quantized_layers", []).append(
-                {**layer, "mode": "fp32 (kept)", "reason": kept})
+        if not bf16_linear_faster(rows if isinstance(rows, int) else 1, *weight.shape):
+            record_layer(gm, node, weight, "fp32 (kept)", reason=f"{rows} rows: oneDNN's fp32 "
+                         "linear measured faster than its bf16 one")
             continue
         half = weight.to(torch.bfloat16)
         packed = add_constant(gm, torch.ops.mkldnn._reorder_linear_weight(half, None),
@@ -71,9 +61,8 @@ def store_linear_weights_bf16(gm: fx.GraphModule) -> int:
             out = _bf16_linear(gm.graph, x, packed, bias, node.meta["val"])
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
-        gm.meta.setdefault("quantized_layers", []).append(
-            {**layer, "mode": "bf16 (oneDNN)",
-             "weight_sqnr_db": round(sqnr_db(weight, half.float()), 2)})
+        record_layer(gm, node, weight, "bf16 (oneDNN)",
+                     weight_sqnr_db=round(sqnr_db(weight, half.float()), 2))
         rewrites += 1
     return rewrites
 
@@ -127,17 +116,10 @@ def store_linear_weights_fp16(gm: fx.GraphModule) -> int:
 
 def _store_half(gm: fx.GraphModule, dtype: torch.dtype) -> int:
     rewrites = 0
-    for node in list(gm.graph.nodes):
-        operands = linear_operands(node)
-        if operands is None or tensor_meta(operands[0]).dim() != 2:
-            continue
-        x, weight_node, bias_node = operands
-        weight = constant_value(weight_node).t()  # [N, K]
-        layer = {"layer": node.name, "shape": list(weight.shape)}
-        kept = _kept_reason(gm, node, weight, dtype, tensor_meta(x).shape[0])
+    for node, x, weight, bias_node in frozen_linears(gm):
+        kept = _kept_reason(weight, dtype, tensor_meta(x).shape[0])
         if kept is not None:
-            gm.meta.setdefault("quantized_layers", []).append(
-                {**layer, "mode": "fp32 (kept)", "reason": kept})
+            record_layer(gm, node, weight, "fp32 (kept)", reason=kept)
             continue
         rewrites += _half_weights(gm, node, x, weight, bias_node, dtype)
     return rewrites
@@ -154,18 +136,13 @@ def _half_weights(gm: fx.GraphModule, node: fx.Node, x: fx.Node, weight: torch.T
     out.meta["val"] = node.meta["val"]
     node.replace_all_uses_with(out)
     gm.graph.erase_node(node)
-    gm.meta.setdefault("quantized_layers", []).append(
-        {"layer": node.name, "shape": list(weight.shape), "mode": f"{mode} (weights only)",
-         "weight_sqnr_db": round(sqnr_db(weight, half.float()), 2)})
+    record_layer(gm, node, weight, f"{mode} (weights only)",
+                 weight_sqnr_db=round(sqnr_db(weight, half.float()), 2))
     return 1
 
 
-def _kept_reason(gm: fx.GraphModule, node: fx.Node, weight: torch.Tensor, dtype: torch.dtype,
-                 rows: object) -> str | None:
+def _kept_reason(weight: torch.Tensor, dtype: torch.dtype, rows: object) -> str | None:
     """Why this layer stays fp32, or None to convert it."""
-    kept = gm.meta.get("quantize_keep", {}).get(node.name)
-    if kept is not None:
-        return kept
     if isinstance(rows, int) and rows > MAX_ROWS:
         return (f"{rows} rows: compute-bound, where fp32's GEMM is the faster choice (half "
                 f"weights are measured faster up to {MAX_ROWS} rows)")
