@@ -65,32 +65,19 @@ def unpack_int4_weight(packed: torch.Tensor, n: int) -> torch.Tensor:
     return unpack_weight_blocks(full.to(torch.int8), n).to(torch.uint8)
 
 
-def pack_group_params(values: torch.Tensor) -> torch.Tensor:
-    """[N, groups] float32 -> [ceil(N / 64), groups, 64], in the weight's block order."""
-    n, groups = values.shape
-    blocks = -(-n // WEIGHT_BLOCK)
-    padded = torch.zeros(blocks * WEIGHT_BLOCK, groups, dtype=values.dtype)
-    padded[:n] = values
-    return padded.view(blocks, WEIGHT_BLOCK, groups).transpose(1, 2).contiguous()
-
-
-def unpack_group_params(packed: torch.Tensor, n: int) -> torch.Tensor:
-    blocks, groups, _ = packed.shape
-    return packed.transpose(1, 2).reshape(blocks * WEIGHT_BLOCK, groups)[:n]
-
-
 @torch.library.custom_op("jitopt::linear_int4_weight", mutates_args=())
 def linear_int4_weight(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                        offset: torch.Tensor, n: int, group_size: int,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W.T (+ bias) where W[c, k] = q[c, k] * scale[c, g] + offset[c, g] for the group
     g = k // group_size: 4-bit codes q (0..15) packed by pack_int4_weight, a float32 scale
-    and offset per output channel and group of input channels, packed by pack_group_params.
-    x is float32 [M, K]; y float32 [M, n]. This reference dequantizes on every call."""
+    and offset per output channel and group of input channels ([N, groups], packed by
+    pack_weight_blocks like a weight). x is float32 [M, K]; y float32 [M, n]. This
+    reference dequantizes on every call."""
     k = weight.shape[1]
 
     def per_weight(params: torch.Tensor) -> torch.Tensor:  # [n, K]
-        return unpack_group_params(params, n).repeat_interleave(group_size, dim=1)[:, :k]
+        return unpack_weight_blocks(params, n).repeat_interleave(group_size, dim=1)[:, :k]
 
     q = unpack_int4_weight(weight, n).float()  # [n, K]
     return F.linear(x, q * per_weight(scale) + per_weight(offset), bias)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from jitopt.ops import pack_group_params, pack_int4_weight  # (registers the op)
+from jitopt.ops import pack_int4_weight, pack_weight_blocks  # (registers the op)
 from jitopt.passes.constants import add_constant
 from jitopt.passes.frozen_linears import frozen_linears, record_layer
 from jitopt.passes.quantize_linear_int8 import sqnr_db
@@ -31,8 +31,8 @@ def quantize_linear_int4_weight_only(gm: fx.GraphModule) -> int:
         q, scale, offset = quantize_int4_grouped(weight, group_size)
         args = [x] + [add_constant(gm, value, f"{node.name}_int4{suffix}", node)
                       for value, suffix in ((pack_int4_weight(q), ""),
-                                            (pack_group_params(scale), "_scale"),
-                                            (pack_group_params(offset), "_offset"))]
+                                            (pack_weight_blocks(scale), "_scale"),
+                                            (pack_weight_blocks(offset), "_offset"))]
         with gm.graph.inserting_before(node):
             out = gm.graph.call_function(LINEAR_INT4_WEIGHT,
                                          (*args, weight.shape[0], group_size, bias_node))

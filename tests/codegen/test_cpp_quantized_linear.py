@@ -10,8 +10,7 @@ import torch
 import jitopt
 from jitopt.codegen.cpp_quantized_linear import QuantizedLinearSpec, render_quantized_linear
 from jitopt.ops import (
-    pack_group_params, pack_int4_weight, pack_weight_blocks, unpack_int4_weight,
-    unpack_weight_blocks)
+    pack_int4_weight, pack_weight_blocks, unpack_int4_weight, unpack_weight_blocks)
 
 pytestmark = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
                                 reason="the int8-weight linear kernel is written for AVX-512")
@@ -98,7 +97,7 @@ def _int4_reference(x, q, scale, offset, group_size, bias):
 def test_int4_matches_the_reference(rows, k, n, group_size):
     q, scale, offset, bias = _int4_operands(k, n, group_size)
     x = torch.randn(rows, k)
-    packed = (pack_int4_weight(q), pack_group_params(scale), pack_group_params(offset))
+    packed = (pack_int4_weight(q), pack_weight_blocks(scale), pack_weight_blocks(offset))
     fn = torch.compile(lambda x, w, s, o, b: linear_int4_weight(x, w, s, o, n, group_size, b),
                        backend="jitopt")
     got = fn(x, *packed, bias)
