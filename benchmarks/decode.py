@@ -17,8 +17,8 @@ backend runs in its own process (clean compile counters and peak memory):
 - per-token time from a streamer's timestamps: tokens/s over the first 64, 512 and 1024 new
   tokens, and ms/token around positions 64, 512 and 1024 (median of the 32 tokens before),
   which shows whether a step's cost grows with the length;
-- compiles: Dynamo frame compilations during the long generation and in all; peak memory
-  above the process's baseline (resident set high-water mark).
+- compiles: graphs Dynamo traced during the long generation and in all; peak memory above
+  the process's baseline (resident set high-water mark).
 
 Output: a markdown table, decode.json and decode.md in --out.
 """
@@ -77,12 +77,14 @@ def run_one(backend: str, tokens: int) -> dict[str, Any]:
     if spec is not None:
         model.forward = torch.compile(model.forward, backend=spec["backend"],
                                       options=spec.get("options"))
-    frames = torch._dynamo.utils.counters["frames"]
+    # Graphs Dynamo traced (its "frames"/"ok" counter also counts frames it only converted
+    # without compiling anything, which showed as a compile during the run that never happened).
+    stats = torch._dynamo.utils.counters["stats"]
     with PeakMemory() as memory, torch.no_grad():
         start = time.perf_counter()
         model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
         warmup_s = time.perf_counter() - start
-        compiles_before = frames["ok"]
+        compiles_before = stats["unique_graphs"]
         clock = _Clock()
         begin = time.perf_counter()
         model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
@@ -90,8 +92,8 @@ def run_one(backend: str, tokens: int) -> dict[str, Any]:
     stamps = [begin] + clock.times[1:]  # the streamer's first put() is the prompt
     row: dict[str, Any] = {"backend": backend, "tokens": len(stamps) - 1,
                            "warmup_s": round(warmup_s, 2),
-                           "compiles_total": frames["ok"],
-                           "compiles_during_run": frames["ok"] - compiles_before,
+                           "compiles_total": stats["unique_graphs"],
+                           "compiles_during_run": stats["unique_graphs"] - compiles_before,
                            "peak_mb": memory.peak_mb}
     for mark in MARKS:
         if mark < len(stamps):
