@@ -13,7 +13,7 @@ from jitopt.ops import (
     pack_int4_weight, pack_weight_blocks, unpack_int4_weight, unpack_weight_blocks)
 
 pytestmark = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
-                                reason="the int8-weight linear kernel is written for AVX-512")
+                                reason="the quantized-weight linear kernels are written for AVX-512")
 linear_int8_weight = torch.ops.jitopt.linear_int8_weight
 linear_int4_weight = torch.ops.jitopt.linear_int4_weight
 
