@@ -63,15 +63,18 @@ def faster_weight_layout(rows: object, n: int, k: int) -> str:
         x = torch.randint(-127, 128, (rows, k), dtype=torch.int8)
         w_nk = torch.randint(-127, 128, (n, k), dtype=torch.int8)
         candidates = {"NK": w_nk.t(), "KN": w_nk.t().contiguous()}
-        _LAYOUTS[key] = min(candidates, key=lambda name: _seconds(x, candidates[name]))
+        _LAYOUTS[key] = min(candidates,
+                            key=lambda name: seconds(lambda: torch._int_mm(x, candidates[name])))
     return _LAYOUTS[key]
 
 
-def _seconds(x: torch.Tensor, w: torch.Tensor, repeats: int = 3) -> float:
-    torch._int_mm(x, w)  # warm-up
+def seconds(fn, repeats: int = 3) -> float:
+    """Wall time of `repeats` calls of `fn` after one warm-up call: for choosing between
+    kernels once at compile time, on the example's shape."""
+    fn()
     start = time.perf_counter()
     for _ in range(repeats):
-        torch._int_mm(x, w)
+        fn()
     return time.perf_counter() - start
 
 

@@ -3,8 +3,6 @@ weights with float32 activations and arithmetic (`quantize="bf16"` / `"fp16"`)."
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.fx as fx
 
@@ -12,7 +10,7 @@ from jitopt.ops import pack_weight_blocks  # (importing jitopt.ops registers the
 from jitopt.passes.constants import add_constant, constant_value
 from jitopt.passes.graph_facts import tensor_meta
 from jitopt.passes.frozen_linears import frozen_linears, record_layer
-from jitopt.passes.quantize_linear_int8 import sqnr_db
+from jitopt.passes.quantize_linear_int8 import seconds, sqnr_db
 
 aten = torch.ops.aten
 LINEAR_HALF_WEIGHT = torch.ops.jitopt.linear_half_weight.default
@@ -92,20 +90,13 @@ def bf16_linear_faster(rows: int, n: int, k: int) -> bool:
         x, w = torch.randn(rows, k), torch.randn(n, k)
         fp32 = torch.ops.mkldnn._reorder_linear_weight(w, None)
         bf16 = torch.ops.mkldnn._reorder_linear_weight(w.to(torch.bfloat16), None)
-        seconds = {
-            "fp32": _seconds(lambda: ONEDNN_LINEAR(x, fp32, None, "none", [], "")),
-            "bf16": _seconds(lambda: ONEDNN_LINEAR(x.to(torch.bfloat16), bf16, None, "none",
+        times = {
+            "fp32": seconds(lambda: ONEDNN_LINEAR(x, fp32, None, "none", [], "")),
+            "bf16": seconds(lambda: ONEDNN_LINEAR(x.to(torch.bfloat16), bf16, None, "none",
                                                    [], "").float())}
-        _BF16_FASTER[key] = seconds["bf16"] < seconds["fp32"]
+        _BF16_FASTER[key] = times["bf16"] < times["fp32"]
     return _BF16_FASTER[key]
 
-
-def _seconds(fn, repeats: int = 3) -> float:
-    fn()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return time.perf_counter() - start
 
 
 def store_linear_weights_fp16(gm: fx.GraphModule) -> int:

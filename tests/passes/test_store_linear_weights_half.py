@@ -111,3 +111,11 @@ def test_fp16_keeps_a_layer_whose_weights_overflow_it():
     layers = report.graphs[0].aten[0].quantized_layers
     assert layers[0]["mode"] == "fp32 (kept)" and "float16's range" in layers[0]["reason"]
     assert layers[1]["mode"] == "fp16 (weights only)" and layers[1]["weight_sqnr_db"] > 60
+
+
+@pytest.mark.skipif(not ONEDNN_BF16, reason="oneDNN has no bfloat16 support on this CPU")
+def test_bf16_choice_is_timed_once_per_shape():
+    PASS._BF16_FASTER.pop((40, 48, 56), None)
+    first = PASS.bf16_linear_faster(40, 48, 56)
+    assert isinstance(first, bool) and PASS._BF16_FASTER[(40, 48, 56)] is first
+    assert PASS.bf16_linear_faster(40, 48, 56) is first  # cached, not re-timed
