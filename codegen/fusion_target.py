@@ -38,8 +38,11 @@ class FusionTarget:
         for node in gm.graph.nodes:
             if node.op == "call_function" and GROUP_KEY in node.meta:
                 groups.setdefault(node.meta[GROUP_KEY], []).append(node)
-        return [g for g in groups.values() if all(self.supports(n) for n in g
-                                                  if n.target is not operator.getitem)]
+        # A group of getitems alone is what an earlier target left behind when it carved a
+        # multi-output group (the getitems that unpack its call inherit the group's tag).
+        computing = [[n for n in g if n.target is not operator.getitem] for g in groups.values()]
+        return [g for g, work in zip(groups.values(), computing)
+                if work and all(self.supports(n) for n in work)]
 
     def lower(self, partition: fx.GraphModule) -> Callable[..., Any]:
         """One group's launcher (raises what lower_all would return for it)."""

@@ -163,6 +163,8 @@ class _Builder:
         if self.space is not None:
             return self.space
         shapes = [v.shape for v in outputs if isinstance(v, TensorValue)]
+        if not shapes:
+            raise Unsupported("the group computes none of its outputs")
         if any(not _same_shape(s, shapes[0]) for s in shapes):
             raise Unsupported("pointwise outputs of different shapes in one group")
         return tuple(shapes[0]), None

@@ -1,0 +1,111 @@
+"""Whole models on a CUDA device, compiled with jitopt's defaults and compared with eager:
+pointwise work in generated Triton kernels, matmuls and convolutions left to cuBLAS/cuDNN,
+hand-written attention rewritten to SDPA, the KV cache appended in place. Skipped where there
+is no GPU (tests/passes/test_cuda_graph_shapes.py checks the graphs' shape on CPU)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import jitopt
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (this build or machine has none)")]
+
+# Half-precision outputs of a few hundred accumulations differ from eager's by rounding order.
+TOLERANCE = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2)}
+
+
+@pytest.fixture(autouse=True)
+def compiled_for_the_gpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # real kernels, not the interpreter
+    # Eager's fp32 matmuls must not use TF32 either, or the comparison measures TF32 rounding.
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+def compile_and_compare(model: nn.Module, *inputs: torch.Tensor, dtype: torch.dtype) -> None:
+    compiled = torch.compile(copy.deepcopy(model), backend="jitopt")
+    with torch.no_grad():
+        expected, actual = model(*inputs), compiled(*inputs)
+    if hasattr(expected, "keys"):  # a transformers ModelOutput
+        expected, actual = expected[0], actual[0]
+    assert actual.device.type == "cuda" and actual.dtype == expected.dtype
+    torch.testing.assert_close(actual, expected, **TOLERANCE[dtype])
+    assert jitopt.counters["graphs"]["compiled_inference"] >= 1
+    assert sum(jitopt.counters["fallbacks"].values()) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_mlp(dtype):
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64), nn.LayerNorm(64))
+    model = model.eval().to("cuda", dtype)
+    compile_and_compare(model, torch.randn(32, 64, device="cuda", dtype=dtype), dtype=dtype)
+    assert jitopt.counters["targets"]["triton_partitions"] >= 1
+
+
+def test_cnn_with_batchnorm():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    with torch.no_grad():  # non-trivial running statistics, so folding them is checked
+        for bn in (model[1], model[4]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    model = model.eval().cuda()
+    compile_and_compare(model, torch.randn(4, 3, 32, 32, device="cuda"), dtype=torch.float32)
+    assert jitopt.counters["passes"]["fold_conv_bn"] == 2
+
+
+def _gpt2(dtype: torch.dtype):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256,
+                                     n_positions=128, attn_implementation="eager",
+                                     tie_word_embeddings=False, pad_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # peaked logits, so greedy picks are not decided by rounding
+        model.lm_head.weight.normal_(0.0, 1.0)
+    return model.to("cuda", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpt2_forward_attention_becomes_sdpa(dtype):
+    model = _gpt2(dtype)
+    model.config.use_cache = False
+    compile_and_compare(model, torch.randint(1, 256, (2, 24), device="cuda"), dtype=dtype)
+    assert jitopt.counters["passes"]["rewrite_attention"] == 2
+
+
+def test_bert_forward_with_padding_mask():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, vocab_size=256,
+                                     attn_implementation="eager")
+    model = transformers.BertModel(config).eval().cuda()
+    ids = torch.randint(1, 256, (3, 20), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    compile_and_compare(model, ids, mask, dtype=torch.float32)
+    assert jitopt.counters["passes"]["rewrite_attention"] == 2
+
+
+def test_gpt2_greedy_generate_with_kv_cache_rewrite():
+    from jitopt.runtime import kv_buffer
+
+    model = _gpt2(torch.float32)
+    compiled = copy.deepcopy(model)
+    compiled.forward = torch.compile(compiled.forward, backend="jitopt")
+    ids = torch.randint(1, 256, (2, 6), device="cuda")
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16,
+                  do_sample=False, num_beams=1, pad_token_id=0)
+    before = kv_buffer.counters["appended_in_place"]
+    with torch.no_grad():
+        expected, actual = model.generate(ids, **kwargs), compiled.generate(ids, **kwargs)
+    assert torch.equal(actual, expected)
+    assert jitopt.counters["passes"]["rewrite_kv_cache"] > 0
+    assert kv_buffer.counters["appended_in_place"] > before
+    assert sum(jitopt.counters["fallbacks"].values()) == 0
