@@ -92,6 +92,21 @@ def quantize_dynamic(model, inputs, threads, kind):
     return _target(quantized, kind)
 
 
+def jitopt_int8_static(model, inputs, threads, kind):
+    """jitopt.calibrate on 4 batches drawn like the inputs (not the timed ones), then
+    quantize="int8-static"."""
+    import jitopt
+
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        raise Unavailable("int8-static quantizes convolutions; this model has none")
+    draw = torch.Generator().manual_seed(1)
+    batches = [tuple(torch.randn(x.shape, generator=draw) if x.is_floating_point() else x
+                     for x in inputs) for _ in range(4)]
+    jitopt.calibrate(model, batches)
+    return torch.compile(_target(model, kind), backend="jitopt",
+                         options={"quantize": "int8-static"})
+
+
 def _exported(factory: Callable[..., Any]) -> Prepare:
     def prepare(model, inputs, threads, kind):
         if kind == "generate":
@@ -113,8 +128,9 @@ def all_backends() -> dict[str, Backend]:
         backends.append(Backend(name, torch_compile(
             backend="jitopt", mode=None if mode == "default" else mode)))
     for mode in QUANTIZE_IMPLEMENTED:  # each implemented quantize= mode, against fp32 eager
-        backends.append(Backend(f"jitopt-{mode}", torch_compile(
-            backend="jitopt", options={"quantize": mode})))
+        backends.append(Backend(f"jitopt-{mode}", jitopt_int8_static if mode == "int8-static"
+                                else torch_compile(backend="jitopt",
+                                                   options={"quantize": mode})))
     backends.append(Backend("quantize-dynamic-int8", quantize_dynamic))
     try:
         from benchmarks.peers import PEERS

@@ -30,6 +30,8 @@ _PUBLIC = {
     "for_inference": "jitopt.api",
     "finish_compiles": "jitopt.api",
     "explain": "jitopt.explain",
+    "calibrate": "jitopt.calibration",
+    "Calibration": "jitopt.calibration",
     "ExplainReport": "jitopt.explain",
     "counters": "jitopt.debug",
     "reset_counters": "jitopt.debug",

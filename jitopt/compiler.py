@@ -132,6 +132,8 @@ class _FrozenVariants:
         self.weight_inputs = sorted(weights)
         gm = fx.GraphModule(self.original, copy.deepcopy(self.original.graph))
         frozen = _freeze_inputs(gm, weights)
+        if self.config.quantize == "int8-static":
+            _attach_calibration(gm)
         self.report.frozen_inputs = len(frozen)
         measuring = self.config.quantize is not None and examples is not None
         reference = fx.GraphModule(gm, copy.deepcopy(gm.graph)) if measuring else None
@@ -168,6 +170,18 @@ class _FrozenVariants:
                      len(self.variants))
             self.unfrozen = self.build({})
         return self.unfrozen
+
+
+def _attach_calibration(gm: fx.GraphModule) -> None:
+    """Give each convolution its calibrated input range; warn when none has one."""
+    from jitopt.calibration import attach_input_ranges
+
+    convs = sum(n.target is torch.ops.aten.convolution.default for n in gm.graph.nodes)
+    if convs and not attach_input_ranges(gm):
+        warnings.warn(f"jitopt: quantize='int8-static' found no calibrated input range for "
+                      f"this graph's {convs} convolution(s), which stay fp32; run "
+                      f"jitopt.calibrate(model, batches) before compiling", JitoptFallbackWarning,
+                      stacklevel=2)
 
 
 def _over_budget(reference: fx.GraphModule, examples: list[Any], config: Config,

@@ -9,9 +9,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 ON_ERROR_CHOICES = ("warn", "raise")
-QUANTIZE_IMPLEMENTED = ("int8", "int8-weight-only", "int4-weight-only", "bf16", "fp16")
-# The quantization issue's other modes: named so a request for one gets a clear answer.
-QUANTIZE_PLANNED = ("int8-static",)
+QUANTIZE_IMPLEMENTED = ("int8", "int8-weight-only", "int4-weight-only", "bf16", "fp16",
+                        "int8-static")
 VERIFY_CHOICES = ("end", "each")
 
 
@@ -45,7 +44,8 @@ class Config:
     """Write numbered graph dumps and generated source here. Default from JITOPT_DEBUG_DIR."""
 
     quantize: str | None = None
-    """Lower precision for linear layers over frozen fp32 weights on CPU (inference only).
+    """Lower precision for linear layers (convolutions for "int8-static") over frozen fp32
+    weights on CPU (inference only).
     "int8": per-token int8 activations (scaled at run time) times per-channel int8 weights,
     an int32 product (fastest where the matmuls are compute-bound: prefill, encoders).
     "int8-weight-only": per-channel int8 weights, float32 activations and arithmetic (for
@@ -57,6 +57,9 @@ class Config:
     activations and arithmetic. "fp16": float16 weights with float32 activations and
     arithmetic for layers of at most 128 rows (oneDNN has no fast float16 path on CPUs without
     AVX512-FP16); other layers keep fp32.
+    "int8-static": 2-D convolutions over frozen weights as uint8 x int8 oneDNN convolutions,
+    with each input's scale fixed by `jitopt.calibrate(model, batches)` beforehand (for conv
+    nets; convolutions not calibrated, and linear layers, keep fp32).
     `jitopt.explain` lists each quantized layer with its weight's SQNR. Not exact: check the outputs against fp32 for your model. None: full precision."""
 
     quantize_min_sqnr_db: float | None = None
@@ -180,9 +183,6 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 def _check_quantize(mode: Any) -> None:
     if mode is None or mode in QUANTIZE_IMPLEMENTED:
         return
-    if mode in QUANTIZE_PLANNED:
-        raise ValueError(f"jitopt option 'quantize': {mode!r} is not implemented yet; "
-                         f"implemented: {list(QUANTIZE_IMPLEMENTED)} (or None)")
     raise ValueError(f"jitopt option 'quantize' got {mode!r}; valid choices are "
                      f"{list(QUANTIZE_IMPLEMENTED)} (or None)")
 

@@ -15,6 +15,8 @@ import torch.fx as fx
 from jitopt.passes.graph_facts import writes_input
 from jitopt.passes.quantize_linear_int4_weight_only import (
     DEFAULT_GROUP_SIZE, dequantize_int4_grouped, quantize_int4_grouped)
+from jitopt.passes.quantize_conv_int8_static import (
+    activation_qparams, fake_quantize_activation)
 from jitopt.passes.quantize_linear_int8 import INT8_MAX, MIN_SCALE, quantize_per_channel
 
 
@@ -47,6 +49,15 @@ class LayerQuantizer:
             return x @ weight.to(half).float()
         raise ValueError(f"no layer quantizer for quantize mode {self.mode!r}")
 
+    def convolution(self, args: tuple, input_range: tuple[float, float]) -> torch.Tensor:
+        """aten.convolution's args computed as "int8-static" does: the input rounded with the
+        calibrated range's scale, the weight per output channel, in float."""
+        x, weight, *rest = args
+        x = fake_quantize_activation(x, *activation_qparams(*input_range))
+        wq, w_scale = quantize_per_channel(weight.reshape(weight.shape[0], -1))
+        weight = (wq.float() * w_scale[:, None]).reshape(weight.shape)
+        return torch.ops.aten.convolution.default(x, weight, *rest)
+
 
 def measure(reference: fx.GraphModule, compiled: Callable[[list], Any],
             inputs: Sequence[Any], layers: list[dict[str, Any]], quantizer: LayerQuantizer
@@ -64,24 +75,28 @@ def measure(reference: fx.GraphModule, compiled: Callable[[list], Any],
         got = compiled(list(inputs))
     for q in layers:
         if "reason" not in q and q["layer"] in recorder.seen:  # "reason": kept in fp32
-            q["output_sqnr_db"] = round(_layer_sqnr(*recorder.seen[q["layer"]], quantizer), 2)
+            q["output_sqnr_db"] = round(_layer_sqnr(*recorder.seen[q["layer"]], quantizer,
+                                                    q.get("input_range")), 2)
     return _end_to_end(want, got)
 
 
 def linear_sqnrs(reference: fx.GraphModule, inputs: Sequence[Any], quantizer: LayerQuantizer
                  ) -> dict[str, float] | None:
-    """Each addmm/mm's output SQNR (dB) were it quantized alone, on the example inputs: what
-    an accuracy budget decides from, before any layer is rewritten. None: not measurable."""
+    """Each addmm/mm's (and calibrated convolution's) output SQNR (dB) were it quantized
+    alone, on the example inputs: what an accuracy budget decides from, before any layer is
+    rewritten. None: not measurable."""
     if not all(_real(x) for x in inputs) or any(writes_input(n) for n in reference.graph.nodes):
         return None
     mms = (torch.ops.aten.addmm.default, torch.ops.aten.mm.default)
-    names = {n.name for n in reference.graph.nodes if n.target in mms}
+    ranges = {n.name: n.meta.get("input_range") for n in reference.graph.nodes
+              if n.target in mms or "input_range" in n.meta}
     reference.recompile()
-    recorder = _Recorder(reference, names)
+    recorder = _Recorder(reference, set(ranges))
     with torch.no_grad():
         recorder.run(*inputs)
-    return {name: _layer_sqnr(*seen, quantizer) for name, seen in recorder.seen.items()
-            if all(isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in seen[0])}
+    return {name: _layer_sqnr(*seen, quantizer, ranges[name])
+            for name, seen in recorder.seen.items()
+            if all(a.dtype == torch.float32 for a in seen[0] if isinstance(a, torch.Tensor))}
 
 
 class _Recorder(fx.Interpreter):
@@ -99,9 +114,12 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def _layer_sqnr(args: tuple, out: torch.Tensor, quantizer: LayerQuantizer) -> float:
-    """SQNR in dB of the quantized product against the fp32 one, for addmm(b, x, w) or
-    mm(x, w)."""
+def _layer_sqnr(args: tuple, out: torch.Tensor, quantizer: LayerQuantizer,
+                input_range: tuple[float, float] | None = None) -> float:
+    """SQNR in dB of the quantized product against the fp32 one, for addmm(b, x, w),
+    mm(x, w), or a convolution with its calibrated input range."""
+    if input_range is not None:
+        return _sqnr_db(out, quantizer.convolution(args, input_range))
     bias, x, weight = args if len(args) == 3 else (None, *args)
     quantized = quantizer(x, weight)
     if bias is not None:

@@ -11,6 +11,7 @@ from jitopt.passes.group_fusions import group_fusions
 from jitopt.passes.infra import PassRecord, run_passes
 from jitopt.passes.prepack_convolutions import prepack_convolutions
 from jitopt.passes.prepack_linear_weights import prepack_linear_weights
+from jitopt.passes.quantize_conv_int8_static import quantize_conv_int8_static
 from jitopt.passes.quantize_linear_int8 import quantize_linear_int8
 from jitopt.passes.quantize_linear_int4_weight_only import quantize_linear_int4_weight_only
 from jitopt.passes.quantize_linear_int8_weight_only import quantize_linear_int8_weight_only
@@ -33,13 +34,14 @@ PIPELINE = [
     # GPT-2's GELU written out becomes one op, which the linear epilogue below can take.
     rewrite_gelu_tanh,
     # One of these, per the `quantize` option: linears over frozen weights to int8 products,
-    # or to int8 / int4 / bfloat16 / float16 weights (before packing, which would claim them
-    # in fp32).
+    # or to int8 / int4 / bfloat16 / float16 weights, or calibrated convolutions to uint8 x
+    # int8 ones (after the BN folds, before packing, which would claim them in fp32).
     quantize_linear_int8,
     quantize_linear_int8_weight_only,
     quantize_linear_int4_weight_only,
     store_linear_weights_bf16,
     store_linear_weights_fp16,
+    quantize_conv_int8_static,
     # Frozen linear weights onto oneDNN, packed once (after the BN folds, which match addmm).
     prepack_linear_weights,
     # Then activations right after such a linear become its post-op (before fusion claims them).
@@ -68,7 +70,8 @@ PIPELINE = [
 INFERENCE_ONLY = frozenset({remove_noops, fold_constants, fold_conv_bn, fold_linear_bn,
                             quantize_linear_int8, quantize_linear_int8_weight_only,
                             quantize_linear_int4_weight_only, store_linear_weights_bf16,
-                            store_linear_weights_fp16, prepack_linear_weights, rewrite_kv_cache, fuse_linear_epilogues,
+                            store_linear_weights_fp16, quantize_conv_int8_static,
+                            prepack_linear_weights, rewrite_kv_cache, fuse_linear_epilogues,
                             prepack_convolutions, fuse_conv_epilogues})
 
 # Passes that run only when the `quantize` option names their mode.
@@ -76,6 +79,7 @@ QUANTIZE_PASSES = {"int8": quantize_linear_int8,
                    "int8-weight-only": quantize_linear_int8_weight_only,
                    "int4-weight-only": quantize_linear_int4_weight_only,
                    "bf16": store_linear_weights_bf16,
-                   "fp16": store_linear_weights_fp16}
+                   "fp16": store_linear_weights_fp16,
+                   "int8-static": quantize_conv_int8_static}
 
 __all__ = ["PIPELINE", "INFERENCE_ONLY", "QUANTIZE_PASSES", "PassRecord", "run_passes"]

@@ -96,3 +96,43 @@ def _int4_levels(group: torch.Tensor) -> torch.Tensor:
 def quantize_int4_weight_only_reference(model: nn.Module, group_size: int = 64) -> nn.Module:
     """A copy of `model` with every nn.Linear swapped for Int4WeightOnlyLinear."""
     return _swap_linears(model, lambda linear: Int4WeightOnlyLinear(linear, group_size))
+
+
+class Int8StaticConv2d(nn.Module):
+    """nn.Conv2d as quantize="int8-static" computes it: the input rounded to uint8 with the
+    scale and zero point fixed by its calibrated range [lo, hi] (widened to hold 0; values
+    outside are clipped), per-output-channel symmetric int8 weights, the convolution of the
+    rounded values in float64 (oneDNN's int32 sums are exact)."""
+
+    def __init__(self, conv: nn.Conv2d, input_range: tuple[float, float]) -> None:
+        super().__init__()
+        lo, hi = min(input_range[0], 0.0), max(input_range[1], 0.0)
+        self.scale = max((hi - lo) / 255, 1e-8)
+        self.zero_point = min(max(round(-lo / self.scale), 0), 255)
+        w = conv.weight.detach()
+        w_scale = (w.flatten(1).abs().amax(dim=1) / INT8_MAX).clamp_min(MIN_SCALE)
+        w_scale = w_scale[:, None, None, None]
+        self.weight = torch.round(w / w_scale).clamp(-INT8_MAX, INT8_MAX) * w_scale
+        self.bias = None if conv.bias is None else conv.bias.detach()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = torch.clamp(torch.round(x / self.scale) + self.zero_point, 0, 255)
+        x = (q - self.zero_point) * self.scale
+        c = self.conv
+        bias = None if self.bias is None else self.bias.double()
+        out = torch.nn.functional.conv2d(x.double(), self.weight.double(), bias, c.stride,
+                                         c.padding, c.dilation, c.groups)
+        return out.float()
+
+
+def quantize_int8_static_reference(model: nn.Module,
+                                   ranges: dict[str, tuple[float, float]]) -> nn.Module:
+    """A copy of `model` with each nn.Conv2d named in `ranges` (a jitopt.Calibration's)
+    swapped for Int8StaticConv2d."""
+    model = copy.deepcopy(model)
+    for name, rng in ranges.items():
+        parent, _, attr = name.rpartition(".")
+        conv = model.get_submodule(name)
+        setattr(model.get_submodule(parent), attr, Int8StaticConv2d(conv, rng))
+    return model
