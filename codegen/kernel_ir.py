@@ -213,6 +213,26 @@ def provably_zero(expr: Any) -> bool:
     return sympy.simplify(expr) == 0
 
 
+def order_ranges_by_stride(kernel: Kernel) -> Kernel:
+    """A pointwise kernel loops over its outer ranges in the first output's memory order
+    (largest stride outermost), so a permuted layout such as channels-last walks memory
+    contiguously (and collapse_ranges can then flatten it) instead of striding through it.
+    Safe: every point of a pointwise kernel is computed and stored independently."""
+    n = len(kernel.ranges)
+    if kernel.reduction_range is not None or n < 2 or not kernel.stores:
+        return kernel
+    index = sympy.expand(kernel.stores[0].index)
+    strides = [index.coeff(outer_var(k)) for k in range(n)]
+    if not all(s.is_Integer for s in strides):
+        return kernel  # symbolic strides: keep the logical order
+    order = sorted(range(n), key=lambda k: -abs(int(strides[k])))  # stable: ties keep order
+    if order == list(range(n)):
+        return kernel
+    renamed = {outer_var(old): outer_var(new) for new, old in enumerate(order)}
+    kernel = _substitute(kernel, lambda ix: sympy.sympify(ix).xreplace(renamed))
+    return dataclasses.replace(kernel, ranges=tuple(kernel.ranges[k] for k in order))
+
+
 def collapse_ranges(kernel: Kernel) -> Kernel:
     """Merge adjacent outer ranges every index walks contiguously (i_k steps by exactly the
     extent of i_{k+1}), so contiguous same-shape tensors get one flat, vectorizable loop."""

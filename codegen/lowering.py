@@ -24,7 +24,8 @@ from jitopt.passes.fusible_ops import VIEWS
 from jitopt.errors import Declined
 from jitopt.codegen.kernel_ir import (
     REDUCTION_VAR, Buffer, Const, Expr, IndexValue, Kernel, Load, Op, Reduction, ReductionResult,
-    Size, Store, collapse_ranges, compute_dtype, outer_var, provably_zero)
+    Size, Store, collapse_ranges, compute_dtype, order_ranges_by_stride, outer_var,
+    provably_zero)
 
 aten = torch.ops.aten
 
@@ -123,7 +124,7 @@ class _Builder:
             stores.append(self._store(f"out{k}", value, strides, space))
         kernel = Kernel(name, tuple(self.inputs), tuple(buffers), (), space[0], space[1],
                         tuple(stores))
-        kernel = collapse_ranges(kernel)
+        kernel = collapse_ranges(order_ranges_by_stride(kernel))
         sources = self._size_sources(kernel, layouts)
         kernel = dataclasses.replace(kernel, size_args=tuple(s for s, _, _ in sources))
         return kernel, KernelSignature(tuple(self.input_layouts), tuple(layouts), sources)
