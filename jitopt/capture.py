@@ -154,3 +154,17 @@ def is_dynamo_restart(error: BaseException) -> bool:
     from torch._dynamo.exc import RestartAnalysis, SkipFrame
 
     return isinstance(error, (RestartAnalysis, SkipFrame))
+
+
+def concrete_inputs(example_inputs: Sequence[Any]) -> list[Any] | None:
+    """Dynamo's example inputs with each symbolic size replaced by the value it has in this
+    call (its hint; reading it adds no guard), for running the graph once at compile time;
+    None when a size has no hint."""
+    concrete = []
+    for x in example_inputs:
+        if isinstance(x, torch.SymInt):
+            if not x.node.has_hint():
+                return None
+            x = int(x.node.hint)
+        concrete.append(x)
+    return concrete

@@ -69,7 +69,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any],
             # Dynamo's inputs are this graph's when nothing was added or dropped on the way.
             same = kind == "inference" and len(aot_inputs) == len(example_inputs)
             return _compile_aten(aten_gm, kind, config, report, weights if same else {},
-                                 list(example_inputs) if same else None)
+                                 capture.concrete_inputs(example_inputs) if same else None)
         return compile_aten
 
     try:
@@ -138,10 +138,14 @@ class _FrozenVariants:
         measuring = self.config.quantize is not None and examples is not None
         reference = fx.GraphModule(gm, copy.deepcopy(gm.graph)) if measuring else None
         gm.meta["quantize_group_size"] = self.config.quantize_group_size
+        if measuring and self.config.quantize == "int8":
+            gm.meta["activation_absmax"] = quantization_report.activation_absmax(
+                reference, examples)
         gm.meta["kv_cache_max_tokens"] = self.config.kv_cache_max_tokens
         if measuring and self.config.quantize_min_sqnr_db is not None:
             gm.meta["quantize_keep"] = _over_budget(reference, examples, self.config,
-                                                    self.config.quantize_min_sqnr_db)
+                                                    self.config.quantize_min_sqnr_db,
+                                                    gm.meta.get("activation_absmax"))
         dump = DumpDir(self.config.debug_dir, self.kind)
         wrapper = _lower(gm, self.kind, self.config, self.report, dump)
         compiled = CompiledGraph(wrapper.source, wrapper.bindings, name=self.kind,
@@ -151,7 +155,7 @@ class _FrozenVariants:
         if measuring and self.report.quantized_layers:
             self.report.quantization_error = quantization_report.measure(
                 reference, compiled, examples, self.report.quantized_layers,
-                _layer_quantizer(self.config))
+                _layer_quantizer(self.config, gm.meta.get("activation_absmax")))
         return compiled
 
     def on_stale(self, args: list) -> CompiledGraph:
@@ -185,16 +189,18 @@ def _attach_calibration(gm: fx.GraphModule) -> None:
 
 
 def _over_budget(reference: fx.GraphModule, examples: list[Any], config: Config,
-                 min_sqnr_db: float) -> dict[str, str]:
+                 min_sqnr_db: float, absmax: dict | None) -> dict[str, str]:
     """Layer name -> why it stays fp32, for each linear the budget rules out."""
     sqnrs = quantization_report.linear_sqnrs(reference, examples,
-                                             _layer_quantizer(config)) or {}
+                                             _layer_quantizer(config, absmax)) or {}
     return {name: f"output SQNR {db:.1f} dB on the example inputs is below the budget of "
                   f"{min_sqnr_db:g} dB" for name, db in sqnrs.items() if db < min_sqnr_db}
 
 
-def _layer_quantizer(config: Config) -> quantization_report.LayerQuantizer:
-    return quantization_report.LayerQuantizer(config.quantize, config.quantize_group_size)
+def _layer_quantizer(config: Config, absmax: dict | None = None
+                     ) -> quantization_report.LayerQuantizer:
+    return quantization_report.LayerQuantizer(config.quantize, config.quantize_group_size,
+                                              absmax)
 
 
 def _freeze_inputs(gm: fx.GraphModule, weights: dict[int, torch.Tensor]) -> list[FrozenInput]:

@@ -17,7 +17,8 @@ from jitopt.passes.quantize_linear_int4_weight_only import (
     DEFAULT_GROUP_SIZE, dequantize_int4_grouped, quantize_int4_grouped)
 from jitopt.passes.quantize_conv_int8_static import (
     activation_qparams, fake_quantize_activation)
-from jitopt.passes.quantize_linear_int8 import INT8_MAX, MIN_SCALE, quantize_per_channel
+from jitopt.passes.quantize_linear_int8 import (
+    INT8_MAX, MIN_SCALE, quantize_per_channel, smoothing_scales)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,10 +27,16 @@ class LayerQuantizer:
 
     mode: str
     group_size: int | None = None
+    # "int8": each layer's measured per-channel max |x|, for SmoothQuant's scales.
+    absmax: dict[str, torch.Tensor] | None = None
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, layer: str | None = None
+                 ) -> torch.Tensor:
         """x @ weight ([K, N]) with the weight, and for "int8" x too, quantized."""
         if self.mode == "int8":
+            if self.absmax and layer in self.absmax:
+                smooth = smoothing_scales(self.absmax[layer], weight.t())
+                x, weight = x / smooth, weight * smooth[:, None]
             wq, w_scale = quantize_per_channel(weight.t())
             x_scale = x.abs().amax(-1, keepdim=True).clamp_min(MIN_SCALE) / INT8_MAX
             xq = torch.round(x / x_scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
@@ -76,7 +83,7 @@ def measure(reference: fx.GraphModule, compiled: Callable[[list], Any],
     for q in layers:
         if "reason" not in q and q["layer"] in recorder.seen:  # "reason": kept in fp32
             q["output_sqnr_db"] = round(_layer_sqnr(*recorder.seen[q["layer"]], quantizer,
-                                                    q.get("input_range")), 2)
+                                                    q.get("input_range"), q["layer"]), 2)
     return _end_to_end(want, got)
 
 
@@ -94,9 +101,29 @@ def linear_sqnrs(reference: fx.GraphModule, inputs: Sequence[Any], quantizer: La
     recorder = _Recorder(reference, set(ranges))
     with torch.no_grad():
         recorder.run(*inputs)
-    return {name: _layer_sqnr(*seen, quantizer, ranges[name])
+    return {name: _layer_sqnr(*seen, quantizer, ranges[name], name)
             for name, seen in recorder.seen.items()
             if all(a.dtype == torch.float32 for a in seen[0] if isinstance(a, torch.Tensor))}
+
+
+def activation_absmax(reference: fx.GraphModule, inputs: Sequence[Any]
+                      ) -> dict[str, torch.Tensor] | None:
+    """Each 2-D float32 addmm/mm's per-input-channel max |x| on the example inputs (for
+    quantize="int8"'s SmoothQuant scales). None: not measurable."""
+    if not all(_real(x) for x in inputs) or any(writes_input(n) for n in reference.graph.nodes):
+        return None
+    mms = (torch.ops.aten.addmm.default, torch.ops.aten.mm.default)
+    names = {n.name for n in reference.graph.nodes if n.target in mms}
+    reference.recompile()
+    recorder = _Recorder(reference, names)
+    with torch.no_grad():
+        recorder.run(*inputs)
+    found = {}
+    for name, (args, _) in recorder.seen.items():
+        x = args[-2]
+        if isinstance(x, torch.Tensor) and x.dim() == 2 and x.dtype == torch.float32:
+            found[name] = x.abs().amax(dim=0)
+    return found
 
 
 class _Recorder(fx.Interpreter):
@@ -115,13 +142,14 @@ class _Recorder(fx.Interpreter):
 
 
 def _layer_sqnr(args: tuple, out: torch.Tensor, quantizer: LayerQuantizer,
-                input_range: tuple[float, float] | None = None) -> float:
+                input_range: tuple[float, float] | None = None, layer: str | None = None
+                ) -> float:
     """SQNR in dB of the quantized product against the fp32 one, for addmm(b, x, w),
     mm(x, w), or a convolution with its calibrated input range."""
     if input_range is not None:
         return _sqnr_db(out, quantizer.convolution(args, input_range))
     bias, x, weight = args if len(args) == 3 else (None, *args)
-    quantized = quantizer(x, weight)
+    quantized = quantizer(x, weight, layer)
     if bias is not None:
         quantized = quantized + bias
     return _sqnr_db(out, quantized)

@@ -27,7 +27,7 @@ def test_matches_the_reference_quantizer_and_stays_close_to_fp32(shape):
     model, x = _mlp(), torch.randn(*shape) * 2
     got = _compile_int8(model, x)
     with torch.no_grad():
-        reference, fp32 = quantize_int8_reference(model)(x), model(x)
+        reference, fp32 = quantize_int8_reference(model, x)(x), model(x)
     assert jitopt.counters["passes"]["quantize_linear_int8"] == 2
     # Same quantization as the oracle: only float rounding order differs.
     torch.testing.assert_close(got, reference, atol=1e-4, rtol=1e-4)
@@ -44,12 +44,30 @@ def test_explain_reports_each_layer_and_its_weight_sqnr():
     assert "weight SQNR" in str(report)
 
 
+def test_smoothing_moves_outlier_channels_into_the_weight():
+    model, x = _mlp(), torch.randn(32, 64)
+    x[:, 5] *= 60  # one outlier channel, as LayerNorm outputs of trained transformers have
+    got = _compile_int8(model, x)
+    with torch.no_grad():
+        smoothed, plain, fp32 = (quantize_int8_reference(model, x)(x),
+                                 quantize_int8_reference(model)(x), model(x))
+    torch.testing.assert_close(got, smoothed, atol=1e-4, rtol=1e-4)
+
+    def error(y):
+        return ((y - fp32).norm() / fp32.norm()).item()
+    assert error(got) < 0.5 * error(plain)
+    with torch.no_grad():
+        report = jitopt.explain(model, x, quantize="int8")
+    layers = report.graphs[0].aten[0].quantized_layers
+    assert all(q["smoothing"] == "SmoothQuant alpha=0.5" for q in layers)
+
+
 def test_all_zero_rows_stay_zero():
     model, x = _mlp(), torch.randn(4, 64)
     x[1] = 0
     got = _compile_int8(model, x)
     with torch.no_grad():
-        want = quantize_int8_reference(model)(x)
+        want = quantize_int8_reference(model, x)(x)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
@@ -79,7 +97,8 @@ def test_either_weight_layout_gives_the_same_answer(layout, monkeypatch):
     model, x = _mlp(), torch.randn(16, 64)
     got = _compile_int8(model, x)
     with torch.no_grad():
-        torch.testing.assert_close(got, quantize_int8_reference(model)(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got, quantize_int8_reference(model, x)(x), atol=1e-4,
+                                   rtol=1e-4)
     with torch.no_grad():
         report = jitopt.explain(model, x, quantize="int8")
     assert {q["weight_layout"] for q in report.graphs[0].aten[0].quantized_layers} == {layout}

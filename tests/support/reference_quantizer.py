@@ -17,16 +17,25 @@ MIN_SCALE = 1e-12
 class Int8DynamicLinear(nn.Module):
     """nn.Linear as quantize="int8" computes it: per-output-channel symmetric int8 weights,
     per-row (token) symmetric int8 activations scaled at run time, an exact integer product
-    (float64 holds these sums exactly), then both scales and the bias."""
+    (float64 holds these sums exactly), then both scales and the bias. Given the input's
+    per-channel max |x| (`x_absmax`), SmoothQuant first: x / s and W * s with
+    s = sqrt(max|x_k| / max|W_k|) per input channel k."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, x_absmax: torch.Tensor | None = None) -> None:
         super().__init__()
         w = linear.weight.detach()
+        self.smooth = None
+        if x_absmax is not None:
+            self.smooth = (x_absmax.clamp_min(1e-5).sqrt()
+                           / w.abs().amax(dim=0).clamp_min(1e-5).sqrt()).clamp(1e-4, 1e4)
+            w = w * self.smooth
         self.w_scale = (w.abs().amax(dim=1) / INT8_MAX).clamp_min(MIN_SCALE)
         self.wq = torch.round(w / self.w_scale[:, None]).clamp(-INT8_MAX, INT8_MAX)
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth is not None:
+            x = x * (1.0 / self.smooth)
         x_scale = (x.abs().amax(dim=-1, keepdim=True).clamp_min(MIN_SCALE) / INT8_MAX)
         xq = torch.round(x / x_scale).clamp(-INT8_MAX, INT8_MAX)
         product = (xq.double() @ self.wq.double().t()).float()
@@ -34,9 +43,31 @@ class Int8DynamicLinear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
-def quantize_int8_reference(model: nn.Module) -> nn.Module:
-    """A copy of `model` with every nn.Linear swapped for Int8DynamicLinear."""
-    return _swap_linears(model, Int8DynamicLinear)
+def quantize_int8_reference(model: nn.Module, *example_inputs: torch.Tensor) -> nn.Module:
+    """A copy of `model` with every nn.Linear swapped for Int8DynamicLinear, smoothed by the
+    inputs' channel maxima on `example_inputs` where given (as a compile on them does)."""
+    absmax = linear_input_absmax(model, *example_inputs) if example_inputs else {}
+    return _swap_linears(model, lambda name, linear: Int8DynamicLinear(linear, absmax.get(name)))
+
+
+def linear_input_absmax(model: nn.Module, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each nn.Linear's per-input-channel max |x| over one eager run on `inputs`, by name."""
+    found: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(module, args):
+            found[name] = args[0].detach().abs().flatten(0, -2).amax(dim=0)
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(n)) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear)]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
 
 
 class Int8WeightOnlyLinear(nn.Module):
@@ -57,15 +88,15 @@ class Int8WeightOnlyLinear(nn.Module):
 
 def quantize_int8_weight_only_reference(model: nn.Module) -> nn.Module:
     """A copy of `model` with every nn.Linear swapped for Int8WeightOnlyLinear."""
-    return _swap_linears(model, Int8WeightOnlyLinear)
+    return _swap_linears(model, lambda name, linear: Int8WeightOnlyLinear(linear))
 
 
-def _swap_linears(model: nn.Module, swap: Callable[[nn.Linear], nn.Module]) -> nn.Module:
+def _swap_linears(model: nn.Module, swap: Callable[[str, nn.Linear], nn.Module]) -> nn.Module:
     model = copy.deepcopy(model)
     for name, child in list(model.named_modules()):
         if isinstance(child, nn.Linear):
             parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, swap(child))
+            setattr(model.get_submodule(parent), attr, swap(name, child))
     return model
 
 
@@ -95,7 +126,7 @@ def _int4_levels(group: torch.Tensor) -> torch.Tensor:
 
 def quantize_int4_weight_only_reference(model: nn.Module, group_size: int = 64) -> nn.Module:
     """A copy of `model` with every nn.Linear swapped for Int4WeightOnlyLinear."""
-    return _swap_linears(model, lambda linear: Int4WeightOnlyLinear(linear, group_size))
+    return _swap_linears(model, lambda name, linear: Int4WeightOnlyLinear(linear, group_size))
 
 
 class Int8StaticConv2d(nn.Module):
