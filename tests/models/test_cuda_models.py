@@ -16,8 +16,6 @@ import jitopt
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device (this build or machine has none)")]
 
-# Half-precision outputs of a few hundred accumulations differ from eager's by rounding order.
-TOLERANCE = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2)}
 
 
 @pytest.fixture(autouse=True)
@@ -29,15 +27,26 @@ def compiled_for_the_gpu(monkeypatch):
 
 
 def compile_and_compare(model: nn.Module, *inputs: torch.Tensor, dtype: torch.dtype) -> None:
+    """float32: jitopt matches eager closely. float16: eager rounds after every op and jitopt's
+    kernels once at the end, so the two differ by a few half-precision steps; there jitopt
+    must be at least about as close to the float32 answer as eager is."""
     compiled = torch.compile(copy.deepcopy(model), backend="jitopt")
     with torch.no_grad():
-        expected, actual = model(*inputs), compiled(*inputs)
-    if hasattr(expected, "keys"):  # a transformers ModelOutput
-        expected, actual = expected[0], actual[0]
+        expected, actual = _first(model(*inputs)), _first(compiled(*inputs))
     assert actual.device.type == "cuda" and actual.dtype == expected.dtype
-    torch.testing.assert_close(actual, expected, **TOLERANCE[dtype])
+    if dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+    else:
+        with torch.no_grad():
+            exact = _first(copy.deepcopy(model).float()(*inputs)).float()
+        eager_error = (expected.float() - exact).abs().max().item()
+        assert (actual.float() - exact).abs().max().item() <= 1.5 * eager_error + 1e-3
     assert jitopt.counters["graphs"]["compiled_inference"] >= 1
     assert sum(jitopt.counters["fallbacks"].values()) == 0
+
+
+def _first(output):
+    return output[0] if hasattr(output, "keys") else output  # a transformers ModelOutput
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
