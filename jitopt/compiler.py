@@ -142,9 +142,9 @@ class _FrozenVariants:
             gm.meta["activation_absmax"] = quantization_report.activation_absmax(
                 reference, examples)
         gm.meta["kv_cache_max_tokens"] = self.config.kv_cache_max_tokens
-        if measuring and self.config.quantize_min_sqnr_db is not None:
+        if measuring and (self.config.quantize_min_sqnr_db is not None
+                          or self.config.quantize_max_error is not None):
             gm.meta["quantize_keep"] = _over_budget(reference, examples, self.config,
-                                                    self.config.quantize_min_sqnr_db,
                                                     gm.meta.get("activation_absmax"))
         dump = DumpDir(self.config.debug_dir, self.kind)
         wrapper = _lower(gm, self.kind, self.config, self.report, dump)
@@ -189,12 +189,20 @@ def _attach_calibration(gm: fx.GraphModule) -> None:
 
 
 def _over_budget(reference: fx.GraphModule, examples: list[Any], config: Config,
-                 min_sqnr_db: float, absmax: dict | None) -> dict[str, str]:
-    """Layer name -> why it stays fp32, for each linear the budget rules out."""
-    sqnrs = quantization_report.linear_sqnrs(reference, examples,
-                                             _layer_quantizer(config, absmax)) or {}
-    return {name: f"output SQNR {db:.1f} dB on the example inputs is below the budget of "
-                  f"{min_sqnr_db:g} dB" for name, db in sqnrs.items() if db < min_sqnr_db}
+                 absmax: dict | None) -> dict[str, str]:
+    """Layer name -> why it stays fp32, for each layer the budgets rule out: the per-layer
+    SQNR floor first, then the end-to-end error among the layers left."""
+    quantizer = _layer_quantizer(config, absmax)
+    sqnrs = quantization_report.linear_sqnrs(reference, examples, quantizer) or {}
+    floor = config.quantize_min_sqnr_db
+    keep = {} if floor is None else {
+        name: f"output SQNR {db:.1f} dB on the example inputs is below the budget of "
+              f"{floor:g} dB" for name, db in sqnrs.items() if db < floor}
+    if config.quantize_max_error is not None:
+        rest = {name: db for name, db in sqnrs.items() if name not in keep}
+        keep.update(quantization_report.keep_for_error_budget(
+            reference, examples, quantizer, config.quantize_max_error, rest))
+    return keep
 
 
 def _layer_quantizer(config: Config, absmax: dict | None = None

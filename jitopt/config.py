@@ -67,6 +67,13 @@ class Config:
     inputs, would fall below this many dB stays in fp32 (explain says which and why). 30-40
     dB keeps most models' outputs within 1e-3 relative; None quantizes every layer."""
 
+    quantize_max_error: float | None = None
+    """An end-to-end accuracy budget for `quantize`: the largest relative error
+    ||y_q - y|| / ||y|| of the graph's outputs against fp32 on the example inputs. Layers stay
+    in fp32, the most sensitive (lowest output SQNR) first, until an estimate (the fp32
+    graph run with each remaining layer quantized alone in eager) meets it; explain lists
+    which were kept and why, and the compiled graph's measured error. None: no such budget."""
+
     quantize_group_size: int | None = None
     """For quantize="int4-weight-only": input channels per group sharing one scale and offset
     (smaller: more accurate, more bytes). None: 64."""
@@ -102,6 +109,16 @@ class Config:
                                  f"or None, got {self.quantize_min_sqnr_db!r}")
             if self.quantize is None:
                 raise ValueError("jitopt option 'quantize_min_sqnr_db' is a budget for "
+                                 "'quantize'; set quantize too (valid choices: "
+                                 f"{list(QUANTIZE_IMPLEMENTED)})")
+        if self.quantize_max_error is not None:
+            if isinstance(self.quantize_max_error, bool) or not isinstance(
+                    self.quantize_max_error, (int, float)) or not self.quantize_max_error > 0:
+                raise ValueError("jitopt option 'quantize_max_error' must be a positive "
+                                 f"relative error (0.01 is 1%) or None, got "
+                                 f"{self.quantize_max_error!r}")
+            if self.quantize is None:
+                raise ValueError("jitopt option 'quantize_max_error' is a budget for "
                                  "'quantize'; set quantize too (valid choices: "
                                  f"{list(QUANTIZE_IMPLEMENTED)})")
         if self.quantize_group_size is not None:

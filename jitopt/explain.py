@@ -71,7 +71,8 @@ def _graph_lines(g: GraphReport) -> list[str]:
         error = a.quantization_error
         if error and error.get("outputs"):
             lines.append(f"    quantized graph against fp32 on the example inputs: cosine "
-                         f"{error['cosine']:.6f}, max abs error {error['max_abs_error']:.3g}")
+                         f"{error['cosine']:.6f}, max abs error {error['max_abs_error']:.3g}, "
+                         f"relative error {error['relative_error']:.3g}")
         for p in a.partitions:
             why = (f" (fell back: {p['fallback_reason']})" if p["fallback_reason"] else
                    f" (declined: {p['declined_reason']})" if p.get("declined_reason") else "")

@@ -144,15 +144,75 @@ class _Recorder(fx.Interpreter):
 def _layer_sqnr(args: tuple, out: torch.Tensor, quantizer: LayerQuantizer,
                 input_range: tuple[float, float] | None = None, layer: str | None = None
                 ) -> float:
-    """SQNR in dB of the quantized product against the fp32 one, for addmm(b, x, w),
-    mm(x, w), or a convolution with its calibrated input range."""
+    """SQNR in dB of the quantized product against the fp32 one."""
+    return _sqnr_db(out, _quantized_output(args, quantizer, input_range, layer))
+
+
+def _quantized_output(args: tuple, quantizer: LayerQuantizer,
+                      input_range: tuple[float, float] | None, layer: str | None
+                      ) -> torch.Tensor:
+    """The layer's output with its quantization applied, for addmm(b, x, w), mm(x, w), or a
+    convolution with its calibrated input range."""
     if input_range is not None:
-        return _sqnr_db(out, quantizer.convolution(args, input_range))
+        return quantizer.convolution(args, input_range)
     bias, x, weight = args if len(args) == 3 else (None, *args)
     quantized = quantizer(x, weight, layer)
-    if bias is not None:
-        quantized = quantized + bias
-    return _sqnr_db(out, quantized)
+    return quantized if bias is None else quantized + bias
+
+
+def keep_for_error_budget(reference: fx.GraphModule, inputs: Sequence[Any],
+                          quantizer: LayerQuantizer, max_error: float,
+                          sqnrs: dict[str, float]) -> dict[str, str]:
+    """Layer name -> why it stays fp32: the fewest of the most sensitive layers (lowest
+    SQNR first) whose keeping brings the estimated end-to-end relative error within
+    `max_error`. The estimate runs the fp32 graph with every other layer quantized alone,
+    so each layer's error reaches the outputs as it would compiled. Doubling, then
+    bisection: a handful of runs of the graph, not one per layer."""
+    order = sorted(sqnrs, key=sqnrs.get)
+    ranges = {n.name: n.meta.get("input_range") for n in reference.graph.nodes}
+    with torch.no_grad():
+        want = _tensors(reference(*inputs))
+
+    def error(kept: int) -> float:
+        quantized = {name: ranges.get(name) for name in order[kept:]}
+        got = _tensors(_Simulator(reference, quantized, quantizer).run(*inputs))
+        return _relative_error(want, got)
+
+    if not order or error(0) <= max_error:
+        return {}
+    bad, good = 0, 1
+    while good < len(order) and error(good) > max_error:
+        bad, good = good, min(2 * good, len(order))
+    while good - bad > 1:
+        middle = (bad + good) // 2
+        bad, good = (bad, middle) if error(middle) <= max_error else (middle, good)
+    estimate = error(good)
+    return {name: (f"kept in fp32 for the end-to-end budget (relative error <= {max_error:g}): "
+                   f"among the {good} most sensitive layers (output SQNR {sqnrs[name]:.1f} "
+                   f"dB); estimated error with them kept {estimate:.3g}")
+            for name in order[:good]}
+
+
+class _Simulator(fx.Interpreter):
+    """Runs the fp32 graph with the named layers' outputs replaced by their quantized form."""
+
+    def __init__(self, gm: fx.GraphModule, quantized: dict[str, Any],
+                 quantizer: LayerQuantizer) -> None:
+        super().__init__(gm)
+        self.quantized, self.quantizer = quantized, quantizer
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.name not in self.quantized:
+            return super().run_node(n)
+        args = self.map_nodes_to_values(n.args, n)
+        return _quantized_output(args, self.quantizer, self.quantized[n.name], n.name)
+
+
+def _relative_error(want: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    pairs = [(w.double(), g.double()) for w, g in zip(want, got) if w.is_floating_point()]
+    noise = sum((w - g).pow(2).sum().item() for w, g in pairs)
+    power = sum(w.pow(2).sum().item() for w, _ in pairs)
+    return math.sqrt(noise / max(power, 1e-300))
 
 
 def _sqnr_db(signal: torch.Tensor, approx: torch.Tensor) -> float:
@@ -169,7 +229,8 @@ def _end_to_end(want: Any, got: Any) -> dict[str, Any]:
     flat_g = torch.cat([g.detach().double().flatten() for _, g in pairs])
     cosine = torch.nn.functional.cosine_similarity(flat_w, flat_g, 0).item()
     return {"outputs": len(pairs), "cosine": round(cosine, 6),
-            "max_abs_error": float((flat_w - flat_g).abs().max())}
+            "max_abs_error": float((flat_w - flat_g).abs().max()),
+            "relative_error": float((flat_w - flat_g).norm() / flat_w.norm().clamp_min(1e-300))}
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:

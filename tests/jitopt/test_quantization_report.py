@@ -144,3 +144,45 @@ def test_graphs_with_symbolic_sizes_are_measured_at_this_call_sizes():
     aten = _report(model, x).graphs[0].aten[0]
     assert aten.quantization_error["cosine"] > 0.999
     assert all("output_sqnr_db" in q and q["smoothing"] for q in aten.quantized_layers)
+
+
+def _deep_mlp():
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(6):
+        layers += [nn.Linear(64, 64), nn.GELU()]
+    return nn.Sequential(*layers).eval(), torch.randn(32, 64)
+
+
+def test_end_to_end_budget_keeps_the_most_sensitive_layers_until_it_holds():
+    model, x = _deep_mlp()
+    with torch.no_grad():
+        free = _report(model, x).graphs[0].aten[0]
+    by_sqnr = sorted(free.quantized_layers, key=lambda q: q["output_sqnr_db"])
+    error = free.quantization_error["relative_error"]
+    budget = error / 3  # reachable only by keeping several layers in fp32
+    with torch.no_grad():
+        report = jitopt.explain(model, x, quantize="int8", quantize_max_error=budget)
+    aten = report.graphs[0].aten[0]
+    layers = {q["layer"]: q for q in aten.quantized_layers}
+    kept = [name for name, q in layers.items() if q["mode"] == "fp32 (kept)"]
+    assert 0 < len(kept) < len(layers)
+    # The kept ones are exactly the most sensitive.
+    assert set(kept) == {q["layer"] for q in by_sqnr[:len(kept)]}
+    assert all("end-to-end budget" in layers[name]["reason"] for name in kept)
+    assert aten.quantization_error["relative_error"] <= budget * 1.05
+    assert "relative error" in str(report)
+
+
+def test_a_budget_already_met_keeps_nothing_and_bad_budgets_are_clear_errors():
+    import pytest
+
+    model, x = _deep_mlp()
+    with torch.no_grad():
+        report = jitopt.explain(model, x, quantize="int8", quantize_max_error=0.5)
+    assert all(q["mode"] == "int8" for q in report.graphs[0].aten[0].quantized_layers)
+    for bad in (0, -1, True, "1%"):
+        with pytest.raises(ValueError, match="positive relative error"):
+            jitopt.Config.from_options({"quantize": "int8", "quantize_max_error": bad})
+    with pytest.raises(ValueError, match="set quantize too"):
+        jitopt.Config.from_options({"quantize_max_error": 0.01})
