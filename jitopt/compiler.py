@@ -19,7 +19,7 @@ from jitopt.codegen.python_wrapper import render_wrapper
 from jitopt.config import Config, resolve
 from jitopt.debug import DumpDir, counters, log
 from jitopt.errors import JitoptFallbackWarning
-from jitopt.passes import INFERENCE_ONLY, PIPELINE, QUANTIZE_PASSES, run_passes
+from jitopt.passes import INFERENCE_ONLY, PIPELINE, QUANTIZE_PASSES, QUANTIZING, run_passes
 from jitopt.passes.rewrite_kv_cache import rewrite_kv_cache
 from jitopt.passes.constants import meta_like
 from jitopt.passes.graph_facts import is_mutated
@@ -245,7 +245,7 @@ def _lower(gm: fx.GraphModule, kind: str, config: Config, report: AtenGraphRepor
     dump.write("captured.py", lazy=lambda: gm.print_readable(print_output=False))
     passes = [p for p in PIPELINE if p.__name__ not in config.disabled_passes
               and (kind == "inference" or p not in INFERENCE_ONLY)
-              and (p not in QUANTIZE_PASSES.values() or QUANTIZE_PASSES.get(config.quantize) is p)
+              and (p not in QUANTIZING or p in QUANTIZE_PASSES.get(config.quantize, ()))
               and (p is not rewrite_kv_cache or config.kv_cache)]
     with capture.real_tensors():
         records = run_passes(gm, passes, verify_each=config.verify == "each",

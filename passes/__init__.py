@@ -12,6 +12,7 @@ from jitopt.passes.infra import PassRecord, run_passes
 from jitopt.passes.prepack_convolutions import prepack_convolutions
 from jitopt.passes.prepack_linear_weights import prepack_linear_weights
 from jitopt.passes.quantize_conv_int8_static import quantize_conv_int8_static
+from jitopt.passes.quantize_embedding_int8 import quantize_embedding_int8
 from jitopt.passes.quantize_linear_int8 import quantize_linear_int8
 from jitopt.passes.quantize_linear_int4_weight_only import quantize_linear_int4_weight_only
 from jitopt.passes.quantize_linear_int8_weight_only import quantize_linear_int8_weight_only
@@ -42,6 +43,9 @@ PIPELINE = [
     store_linear_weights_bf16,
     store_linear_weights_fp16,
     quantize_conv_int8_static,
+    # With the int8 and int4 modes, embedding tables to int8 rows (after the linears: a table
+    # tied to an output layer is quantized there from the fp32 copy this drops).
+    quantize_embedding_int8,
     # Frozen linear weights onto oneDNN, packed once (after the BN folds, which match addmm).
     prepack_linear_weights,
     # Then activations right after such a linear become its post-op (before fusion claims them).
@@ -71,15 +75,18 @@ INFERENCE_ONLY = frozenset({remove_noops, fold_constants, fold_conv_bn, fold_lin
                             quantize_linear_int8, quantize_linear_int8_weight_only,
                             quantize_linear_int4_weight_only, store_linear_weights_bf16,
                             store_linear_weights_fp16, quantize_conv_int8_static,
+                            quantize_embedding_int8,
                             prepack_linear_weights, rewrite_kv_cache, fuse_linear_epilogues,
                             prepack_convolutions, fuse_conv_epilogues})
 
 # Passes that run only when the `quantize` option names their mode.
-QUANTIZE_PASSES = {"int8": quantize_linear_int8,
-                   "int8-weight-only": quantize_linear_int8_weight_only,
-                   "int4-weight-only": quantize_linear_int4_weight_only,
-                   "bf16": store_linear_weights_bf16,
-                   "fp16": store_linear_weights_fp16,
-                   "int8-static": quantize_conv_int8_static}
+QUANTIZE_PASSES = {"int8": (quantize_linear_int8, quantize_embedding_int8),
+                   "int8-weight-only": (quantize_linear_int8_weight_only, quantize_embedding_int8),
+                   "int4-weight-only": (quantize_linear_int4_weight_only, quantize_embedding_int8),
+                   "bf16": (store_linear_weights_bf16,),
+                   "fp16": (store_linear_weights_fp16,),
+                   "int8-static": (quantize_conv_int8_static,)}
+QUANTIZING = frozenset(p for passes in QUANTIZE_PASSES.values() for p in passes)
 
-__all__ = ["PIPELINE", "INFERENCE_ONLY", "QUANTIZE_PASSES", "PassRecord", "run_passes"]
+__all__ = ["PIPELINE", "INFERENCE_ONLY", "QUANTIZE_PASSES", "QUANTIZING", "PassRecord",
+           "run_passes"]

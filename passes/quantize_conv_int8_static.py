@@ -10,7 +10,7 @@ from jitopt.passes.constants import add_constant, constant_value, is_constant
 from jitopt.passes.frozen_linears import record_layer
 from jitopt.passes.graph_facts import is_op, tensor_meta
 from jitopt.passes.quantize_linear_int8 import quantize_per_channel, weight_sqnr_db
-from jitopt.passes.refresh_meta import fake_value, refresh_meta_downstream
+from jitopt.passes.refresh_meta import refresh_meta_downstream, set_meta
 
 aten = torch.ops.aten
 QCONV = torch.ops.onednn.qconv2d_pointwise.default
@@ -95,7 +95,7 @@ def _quantized_conv(gm: fx.GraphModule, node: fx.Node, weight: torch.Tensor, x_s
         conv = graph.call_function(QCONV, (
             xq, x_scale, x_zp, *consts, bias_node, stride, padding, dilation, groups, 1.0, 0,
             torch.float32, "relu" if relu is not None else "none", [], ""))
-    _set_meta(_chain(xq))
+    set_meta(_chain(xq), tensor_meta(x).fake_mode)
     # oneDNN's output is channels-last (the packed weight has no fake counterpart to run the
     # op's meta function on); downstream meta is refreshed from it.
     conv.meta["val"] = node.meta["val"].contiguous(memory_format=torch.channels_last)
@@ -133,12 +133,3 @@ def _chain(last: fx.Node) -> list[fx.Node]:
     shifted = clamped.args[0]
     rounded = shifted.args[0]
     return [rounded.args[0], rounded, shifted, clamped, last]
-
-
-def _set_meta(nodes: list[fx.Node]) -> None:
-    fake_mode = next(tensor_meta(a) for a in nodes[0].all_input_nodes).fake_mode
-    for node in nodes:
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs),
-                                       lambda a: fake_value(a, fake_mode))
-        with fake_mode:
-            node.meta["val"] = node.target(*args, **kwargs)

@@ -10,7 +10,7 @@ import torch.fx as fx
 from jitopt.passes.constants import add_constant
 from jitopt.passes.graph_facts import tensor_meta
 from jitopt.passes.frozen_linears import frozen_linears, record_layer
-from jitopt.passes.refresh_meta import fake_value
+from jitopt.passes.refresh_meta import set_meta
 
 aten = torch.ops.aten
 INT8_MAX = 127.0
@@ -78,7 +78,7 @@ def _scaled(gm: fx.GraphModule, x: fx.Node, inverse: torch.Tensor, before: fx.No
     """x * inverse (a [K] constant broadcast over x's rows), with its meta."""
     const = add_constant(gm, inverse, before.name + "_smoothing", before)
     scaled = gm.graph.call_function(aten.mul.Tensor, (x, const))
-    _set_meta([scaled], tensor_meta(x).fake_mode)
+    set_meta([scaled], tensor_meta(x).fake_mode)
     return scaled
 
 
@@ -154,13 +154,6 @@ def _int8_linear(graph: fx.Graph, x: fx.Node, wq: fx.Node, w_scale: fx.Node,
     out = call(aten.mul.Tensor, call(aten.mul.Tensor, as_float, x_scale), w_scale)
     if bias is not None:
         out = call(aten.add.Tensor, out, bias)
-    _set_meta(steps, fake.fake_mode)
+    set_meta(steps, fake.fake_mode)
     return out
 
-
-def _set_meta(nodes: list[fx.Node], fake_mode) -> None:
-    for node in nodes:
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs),
-                                       lambda a: fake_value(a, fake_mode))
-        with fake_mode:
-            node.meta["val"] = node.target(*args, **kwargs)

@@ -38,3 +38,12 @@ def fake_value(node: fx.Node, fake_mode) -> object:
         value = constant_value(node)
         return fake_mode.from_tensor(value) if value.layout == torch.strided else value
     return node.meta.get("val")
+
+
+def set_meta(nodes: list[fx.Node], fake_mode) -> None:
+    """Give new nodes (in graph order) their meta value by running each op on fake inputs."""
+    for node in nodes:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs),
+                                       lambda a: fake_value(a, fake_mode))
+        with fake_mode:
+            node.meta["val"] = node.target(*args, **kwargs)
