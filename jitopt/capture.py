@@ -168,3 +168,10 @@ def concrete_inputs(example_inputs: Sequence[Any]) -> list[Any] | None:
             x = int(x.node.hint)
         concrete.append(x)
     return concrete
+
+
+def has_symbolic_size(x: torch.Tensor) -> bool:
+    """Does Dynamo treat any of this example tensor's sizes or strides as symbolic?"""
+    from torch.fx.experimental.symbolic_shapes import free_symbols
+
+    return bool(free_symbols(x))

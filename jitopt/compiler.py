@@ -149,7 +149,9 @@ class _FrozenVariants:
         dump = DumpDir(self.config.debug_dir, self.kind)
         wrapper = _lower(gm, self.kind, self.config, self.report, dump)
         compiled = CompiledGraph(wrapper.source, wrapper.bindings, name=self.kind,
-                                 frozen=frozen, on_stale=self.on_stale if frozen else None)
+                                 frozen=frozen, on_stale=self.on_stale if frozen else None,
+                                 cuda_graph_inputs=self._cuda_graph_inputs(
+                                     frozen, gm, wrapper.source))
         if frozen:
             self.variants.append(compiled)
         if measuring and self.report.quantized_layers:
@@ -157,6 +159,22 @@ class _FrozenVariants:
                 reference, compiled, examples, self.report.quantized_layers,
                 _layer_quantizer(self.config, gm.meta.get("activation_absmax")))
         return compiled
+
+    def _cuda_graph_inputs(self, frozen: list[FrozenInput], gm: fx.GraphModule,
+                           source: str) -> list[int] | None:
+        """The inputs a CUDA graph replay copies in, where one may replay this graph: an
+        inference graph with static sizes, every input but the frozen weights a CUDA
+        tensor, and no Python runtime function (the KV-cache append decides per call)."""
+        if not self.config.cuda_graphs or self.kind != "inference" or (
+                "python_function(" in source):
+            return None
+        vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+        weights = {f.index for f in frozen}
+        live = [i for i in range(len(vals)) if i not in weights]
+        if not live or not all(isinstance(vals[i], torch.Tensor) and vals[i].is_cuda
+                               and not capture.has_symbolic_size(vals[i]) for i in live):
+            return None
+        return live
 
     def on_stale(self, args: list) -> CompiledGraph:
         for variant in self.variants:

@@ -78,6 +78,11 @@ class Config:
     """For quantize="int4-weight-only": input channels per group sharing one scale and offset
     (smaller: more accurate, more bytes). None: 64."""
 
+    cuda_graphs: bool = True
+    """On CUDA: replay an inference graph with static sizes from one captured CUDA graph after
+    two warm-up calls (inputs copied in, outputs copied out), so its kernels do not pay a
+    Python launch each. Graphs the capture rejects run as before, with a warning."""
+
     kv_cache: bool = True
     """Key/value caches that a decode step grows with torch.cat (Hugging Face's DynamicCache,
     a past_key_values loop) become appends into a buffer with spare capacity, so a step no
@@ -136,7 +141,8 @@ class Config:
                 or not isinstance(self.kv_cache_max_tokens, int) or self.kv_cache_max_tokens < 1):
             raise ValueError("jitopt option 'kv_cache_max_tokens' must be a positive integer "
                              f"or None, got {self.kv_cache_max_tokens!r}")
-        for name in ("freeze_weights", "autotune", "background_compile", "kv_cache"):
+        for name in ("freeze_weights", "autotune", "background_compile", "kv_cache",
+                     "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"jitopt option {name!r} must be True or False, "
                                  f"got {getattr(self, name)!r}")

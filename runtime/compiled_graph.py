@@ -35,19 +35,25 @@ class CompiledGraph:
 
     Frozen inputs are checked on every call (identity, version counter, storage): a weight
     changed in place after compiling calls `on_stale`, which recompiles, instead of silently
-    computing with the old value."""
+    computing with the old value. `cuda_graph_inputs`: replay the graph from a CUDA graph
+    (runtime/cuda_graph.py), copying in the inputs at these indices."""
 
     _boxed_call = True
 
     def __init__(self, source: str, bindings: dict[str, Any], *, name: str = "graph",
                  frozen: Sequence[FrozenInput] = (),
-                 on_stale: Callable[[list], "CompiledGraph"] | None = None) -> None:
+                 on_stale: Callable[[list], "CompiledGraph"] | None = None,
+                 cuda_graph_inputs: Sequence[int] | None = None) -> None:
         self.source = source
         namespace: dict[str, Any] = {"torch": torch, "aten_op": aten_op,
                                      "python_function": python_function, **bindings}
         filename = f"<jitopt {name} #{next(_file_ids)}>"
         exec(compile(source, filename, "exec"), namespace)
         self._run: Callable[[list], Any] = namespace["run"]
+        if cuda_graph_inputs is not None:  # replay from a captured CUDA graph
+            from jitopt.runtime.cuda_graph import CudaGraphRunner
+
+            self._run = CudaGraphRunner(self._run, cuda_graph_inputs)
         self._frozen = tuple(frozen)
         self._on_stale = on_stale
 

@@ -38,7 +38,8 @@ def compile_and_compare(model: nn.Module, *inputs: torch.Tensor, dtype: torch.dt
         torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
     else:
         with torch.no_grad():
-            exact = _first(copy.deepcopy(model).float()(*inputs)).float()
+            exact = _first(copy.deepcopy(model).float()(
+                *(x.float() if x.is_floating_point() else x for x in inputs))).float()
         eager_error = (expected.float() - exact).abs().max().item()
         assert (actual.float() - exact).abs().max().item() <= 1.5 * eager_error + 1e-3
     assert jitopt.counters["graphs"]["compiled_inference"] >= 1
@@ -118,3 +119,53 @@ def test_gpt2_greedy_generate_with_kv_cache_rewrite():
     assert jitopt.counters["passes"]["rewrite_kv_cache"] > 0
     assert kv_buffer.counters["appended_in_place"] > before
     assert sum(jitopt.counters["fallbacks"].values()) == 0
+
+
+def test_replays_from_a_cuda_graph_and_returns_fresh_tensors():
+    from jitopt.runtime import cuda_graph
+
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).eval().cuda()
+    compiled = torch.compile(model, backend="jitopt")
+    before = dict(cuda_graph.counters)
+    inputs = [torch.randn(16, 64, device="cuda") for _ in range(5)]
+    with torch.no_grad():
+        outputs = [compiled(x) for x in inputs]
+        for x, out in zip(inputs, outputs):  # earlier results were not overwritten by replays
+            torch.testing.assert_close(out, model(x), atol=1e-4, rtol=1e-4)
+        assert compiled(inputs[0]).data_ptr() != compiled(inputs[0]).data_ptr()
+    assert cuda_graph.counters["captured"] == before["captured"] + 1
+    assert cuda_graph.counters["replayed"] >= before["replayed"] + 3
+    with torch.no_grad():  # fresh inputs, freed each time: the allocator recycles addresses
+        for _ in range(4):
+            x = torch.randn(16, 64, device="cuda")
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)
+            del x
+
+
+def test_a_graph_returning_a_view_of_its_input_is_not_captured():
+    from jitopt.runtime import cuda_graph
+
+    def fn(x):
+        return x.view(-1), torch.relu(x) * 2
+
+    compiled = torch.compile(fn, backend="jitopt")
+    before = cuda_graph.counters["declined"]
+    x = torch.randn(8, 8, device="cuda")
+    with pytest.warns(UserWarning, match="without a CUDA graph"):
+        for _ in range(4):
+            view, out = compiled(x)
+    assert view.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(out, torch.relu(x) * 2)
+    assert cuda_graph.counters["declined"] == before + 1
+
+
+def test_cuda_graphs_can_be_turned_off():
+    from jitopt.runtime import cuda_graph
+
+    model = nn.Linear(32, 32).eval().cuda()
+    compiled = torch.compile(model, backend="jitopt", options={"cuda_graphs": False})
+    before = cuda_graph.counters["captured"]
+    with torch.no_grad():
+        for _ in range(4):
+            compiled(torch.randn(4, 32, device="cuda"))
+    assert cuda_graph.counters["captured"] == before
