@@ -10,6 +10,7 @@ from jitopt.passes.frozen_linears import record_layer
 from jitopt.passes.graph_facts import is_op, tensor_meta
 from jitopt.passes.quantize_linear_int8 import quantize_per_channel, weight_sqnr_db
 from jitopt.passes.refresh_meta import set_meta
+from jitopt.passes.weight_memo import per_weight
 
 aten = torch.ops.aten
 
@@ -26,10 +27,9 @@ def quantize_embedding_int8(gm: fx.GraphModule) -> int:
             continue
         weight_node, indices = node.args[:2]
         table = constant_value(weight_node)
-        wq, scale = quantize_per_channel(table)  # rows: [V, D] int8, [V]
+        wq, scale, sqnr = per_weight("int8 rows", table, lambda: _prepared(table))
         wq_node = add_constant(gm, wq, node.name + "_int8", node)
-        scale_node = add_constant(gm, scale[:, None].contiguous(), node.name + "_int8_scale",
-                                  node)
+        scale_node = add_constant(gm, scale, node.name + "_int8_scale", node)
         graph = gm.graph
         with graph.inserting_before(node):
             rows = graph.call_function(aten.embedding.default, (wq_node, indices))
@@ -41,9 +41,15 @@ def quantize_embedding_int8(gm: fx.GraphModule) -> int:
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         record_layer(gm, node, table, "int8 (embedding rows)", kind="embedding",
-                     weight_sqnr_db=round(weight_sqnr_db(table, wq, scale), 2))
+                     weight_sqnr_db=sqnr)
         rewrites += 1
     return rewrites
+
+
+def _prepared(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(int8 rows [V, D], their scales [V, 1], the table's SQNR in dB)."""
+    wq, scale = quantize_per_channel(table)
+    return wq, scale[:, None].contiguous(), round(weight_sqnr_db(table, wq, scale), 2)
 
 
 def _quantizable(node: fx.Node) -> bool:

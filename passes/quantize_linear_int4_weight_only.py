@@ -10,6 +10,7 @@ from jitopt.ops import pack_int4_weight, pack_weight_blocks  # (registers the op
 from jitopt.passes.constants import add_constant
 from jitopt.passes.frozen_linears import frozen_linears, record_layer
 from jitopt.passes.quantize_linear_int8 import sqnr_db
+from jitopt.passes.weight_memo import per_weight
 
 LINEAR_INT4_WEIGHT = torch.ops.jitopt.linear_int4_weight.default
 INT4_LEVELS = 15  # codes 0..15
@@ -28,22 +29,28 @@ def quantize_linear_int4_weight_only(gm: fx.GraphModule) -> int:
     group_size = gm.meta.get("quantize_group_size") or DEFAULT_GROUP_SIZE
     rewrites = 0
     for node, x, weight, bias_node in frozen_linears(gm):
-        q, scale, offset = quantize_int4_grouped(weight, group_size)
+        *packed, sqnr = per_weight("int4-weight-only", weight,
+                                   lambda: _prepared(weight, group_size), group_size)
         args = [x] + [add_constant(gm, value, f"{node.name}_int4{suffix}", node)
-                      for value, suffix in ((pack_int4_weight(q), ""),
-                                            (pack_weight_blocks(scale), "_scale"),
-                                            (pack_weight_blocks(offset), "_offset"))]
+                      for value, suffix in zip(packed, ("", "_scale", "_offset"))]
         with gm.graph.inserting_before(node):
             out = gm.graph.call_function(LINEAR_INT4_WEIGHT,
                                          (*args, weight.shape[0], group_size, bias_node))
         out.meta["val"] = node.meta["val"]
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
-        restored = dequantize_int4_grouped(q, scale, offset, group_size)
         record_layer(gm, node, weight, f"int4-weight-only (groups of {group_size})",
-                     weight_sqnr_db=round(sqnr_db(weight, restored), 2))
+                     weight_sqnr_db=sqnr)
         rewrites += 1
     return rewrites
+
+
+def _prepared(weight: torch.Tensor, group_size: int) -> tuple:
+    """(codes, scales and offsets packed for the kernel, the weight's SQNR in dB)."""
+    q, scale, offset = quantize_int4_grouped(weight, group_size)
+    restored = dequantize_int4_grouped(q, scale, offset, group_size)
+    return (pack_int4_weight(q), pack_weight_blocks(scale), pack_weight_blocks(offset),
+            round(sqnr_db(weight, restored), 2))
 
 
 def quantize_int4_grouped(weight: torch.Tensor, group_size: int

@@ -10,6 +10,7 @@ from jitopt.ops import pack_weight_blocks  # (importing jitopt.ops registers the
 from jitopt.passes.constants import add_constant
 from jitopt.passes.frozen_linears import frozen_linears, record_layer
 from jitopt.passes.quantize_linear_int8 import quantize_per_channel, weight_sqnr_db
+from jitopt.passes.weight_memo import per_weight
 
 LINEAR_INT8_WEIGHT = torch.ops.jitopt.linear_int8_weight.default
 
@@ -23,8 +24,8 @@ def quantize_linear_int8_weight_only(gm: fx.GraphModule) -> int:
     Layers named in gm.meta["quantize_keep"] stay fp32."""
     rewrites = 0
     for node, x, weight, bias_node in frozen_linears(gm):
-        wq, scale = quantize_per_channel(weight)
-        packed = add_constant(gm, pack_weight_blocks(wq), node.name + "_int8", node)
+        blocks, scale, sqnr = per_weight("int8-weight-only", weight, lambda: _prepared(weight))
+        packed = add_constant(gm, blocks, node.name + "_int8", node)
         scale_node = add_constant(gm, scale, node.name + "_int8_scale", node)
         with gm.graph.inserting_before(node):
             out = gm.graph.call_function(LINEAR_INT8_WEIGHT,
@@ -32,8 +33,13 @@ def quantize_linear_int8_weight_only(gm: fx.GraphModule) -> int:
         out.meta["val"] = node.meta["val"]
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
-        record_layer(gm, node, weight, "int8-weight-only",
-                     weight_sqnr_db=round(weight_sqnr_db(weight, wq, scale), 2))
+        record_layer(gm, node, weight, "int8-weight-only", weight_sqnr_db=sqnr)
         rewrites += 1
     return rewrites
+
+
+def _prepared(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(the int8 weight in the kernel's blocks, the scales, the weight's SQNR in dB)."""
+    wq, scale = quantize_per_channel(weight)
+    return pack_weight_blocks(wq), scale, round(weight_sqnr_db(weight, wq, scale), 2)
 
