@@ -21,8 +21,10 @@ its argmax, and "tokens differ" says nothing about a quantizer. Two trained mode
   model itself (`generate`, so the decode graphs run): sequences identical to fp32's, and
   where they first differ, how many of those were near-ties in fp32 (top-2 margin < 0.1).
 
-Columns: each jitopt quantize= mode, and eager `torch.ao.quantization.quantize_dynamic` int8
-(the reference users reach for). Output: a markdown table, accuracy.json and accuracy.md in
+Columns: each jitopt quantize= mode (but "int8-static", for conv nets), eager
+`torch.ao.quantization.quantize_dynamic` int8 (the reference users reach for), and for the
+tiny GPT "int8-kv-cache": jitopt fp32 decoding through `jitopt.Int8KVCache`, its teacher-forced
+logits taken one step at a time through the cache. Output: a markdown table, accuracy.json and accuracy.md in
 --out.
 """
 
@@ -45,6 +47,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 PEER = "quantize-dynamic-int8"
+# jitopt fp32 with the opt-in int8 KV cache (jitopt.Int8KVCache): the tiny GPT's rows only.
+KV_INT8 = "int8-kv-cache"
 NEW_TOKENS = 64
 PROMPT_BYTES = 32
 NEAR_TIE = 0.1  # fp32 top-2 logit margin below which a divergence is a near-tie
@@ -72,7 +76,7 @@ def _stdlib_sources() -> list[Path]:
     return sorted(root.glob("*.py"))
 
 
-def _quantized(model: nn.Module, variant: str) -> nn.Module:
+def _quantized(model: nn.Module, variant: str | None) -> nn.Module:
     if variant == PEER:
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear},
                                                       dtype=torch.qint8)
@@ -105,7 +109,7 @@ def minilm_rows(variants: list[str]) -> dict[str, dict[str, float]]:
                         max_length=batch["input_ids"].shape[1], return_tensors="pt")
     want = _embed(model, batch)
     rows = {}
-    for variant in variants:
+    for variant in (v for v in variants if v != KV_INT8):  # an encoder keeps no KV cache
         quantized = _quantized(model, variant)
         _embed(quantized, warm_up)
         got = _embed(quantized, batch)
@@ -185,11 +189,14 @@ def gpt_rows(variants: list[str], train_seconds: float) -> dict[str, dict[str, f
         want_logits = model(want).logits[:, PROMPT_BYTES - 1:-1]  # predicting the new tokens
     rows = {}
     for variant in variants:
-        quantized = _quantized(model, variant)
-        with torch.no_grad():
-            got_logits = quantized(want).logits[:, PROMPT_BYTES - 1:-1]
-            got = quantized.generate(prompts, max_new_tokens=NEW_TOKENS, do_sample=False,
-                                     pad_token_id=0)
+        if variant == KV_INT8:
+            got_logits, got = _with_int8_kv_cache(model, prompts, want)
+        else:
+            quantized = _quantized(model, variant)
+            with torch.no_grad():
+                got_logits = quantized(want).logits[:, PROMPT_BYTES - 1:-1]
+                got = quantized.generate(prompts, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                         pad_token_id=0)
         rows[variant] = {
             "teacher_forced_top1": (got_logits.argmax(-1) == want_logits.argmax(-1))
             .float().mean().item(),
@@ -197,6 +204,26 @@ def gpt_rows(variants: list[str], train_seconds: float) -> dict[str, dict[str, f
                                                  0).item(),
             **_divergences(want, got, want_logits)}
     return rows
+
+
+def _with_int8_kv_cache(model: nn.Module, prompts: torch.Tensor, want: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """jitopt fp32 with jitopt.Int8KVCache: teacher-forced logits fed fp32's tokens one step
+    at a time through the cache (a single forward would never read it), and generation."""
+    import jitopt
+
+    compiled = _quantized(model, None)
+    cache = jitopt.Int8KVCache(model.config)
+    logits = []
+    with torch.no_grad():
+        step = compiled(prompts, past_key_values=cache, use_cache=True)
+        logits.append(step.logits[:, -1])
+        for t in range(PROMPT_BYTES, want.shape[1] - 1):
+            step = compiled(want[:, t:t + 1], past_key_values=cache, use_cache=True)
+            logits.append(step.logits[:, -1])
+        got = compiled.generate(prompts, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                pad_token_id=0, past_key_values=jitopt.Int8KVCache(model.config))
+    return torch.stack(logits, 1), got
 
 
 def _divergences(want: torch.Tensor, got: torch.Tensor, want_logits: torch.Tensor
@@ -238,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     from jitopt.config import QUANTIZE_IMPLEMENTED
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--modes", default=",".join([*QUANTIZE_IMPLEMENTED, PEER]))
+    # int8-static quantizes convolutions, which neither model has.
+    modes = [m for m in QUANTIZE_IMPLEMENTED if m != "int8-static"]
+    parser.add_argument("--modes", default=",".join([*modes, PEER, KV_INT8]))
     parser.add_argument("--train-seconds", type=float, default=60.0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)

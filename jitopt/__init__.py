@@ -31,6 +31,7 @@ _PUBLIC = {
     "finish_compiles": "jitopt.api",
     "explain": "jitopt.explain",
     "calibrate": "jitopt.calibration",
+    "Int8KVCache": "jitopt.kv_cache_int8",
     "Calibration": "jitopt.calibration",
     "ExplainReport": "jitopt.explain",
     "counters": "jitopt.debug",
