@@ -10,7 +10,7 @@ backend runs in its own process (clean compile counters and peak memory):
 
 - eager; inductor (`torch.compile` default); jitopt with `kv_cache=False` (cat) and with the
   default `kv_cache=True` (appends into buffers with spare capacity, jitopt/runtime/
-  kv_buffer.py);
+  kv_buffer.py); and jitopt with the opt-in `jitopt.Int8KVCache` ("jitopt-int8-kv");
 - one generation of --tokens new tokens after a warm-up generation of 16 (which pays the
   compiles of prefill and first steps; the long run still compiles whatever its growing
   length needs, counted in "compiles");
@@ -38,7 +38,8 @@ import torch
 
 BACKENDS = {"eager": None, "inductor": {"backend": "inductor"},
             "jitopt-cat": {"backend": "jitopt", "options": {"kv_cache": False}},
-            "jitopt": {"backend": "jitopt"}}
+            "jitopt": {"backend": "jitopt"},
+            "jitopt-int8-kv": {"backend": "jitopt", "int8_kv_cache": True}}
 MARKS = (64, 512, 1024)
 PROMPT = 8
 WINDOW = 32
@@ -80,15 +81,21 @@ def run_one(backend: str, tokens: int) -> dict[str, Any]:
     # Graphs Dynamo traced (its "frames"/"ok" counter also counts frames it only converted
     # without compiling anything, which showed as a compile during the run that never happened).
     stats = torch._dynamo.utils.counters["stats"]
+    cache = {}
+    if spec is not None and spec.get("int8_kv_cache"):
+        import jitopt
+
+        cache = {"past_key_values": lambda: jitopt.Int8KVCache(model.config)}
     with PeakMemory() as memory, torch.no_grad():
         start = time.perf_counter()
-        model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
+        model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0,
+                       **{k: make() for k, make in cache.items()})
         warmup_s = time.perf_counter() - start
         compiles_before = stats["unique_graphs"]
         clock = _Clock()
         begin = time.perf_counter()
         model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                       pad_token_id=0, streamer=clock)
+                       pad_token_id=0, streamer=clock, **{k: make() for k, make in cache.items()})
     stamps = [begin] + clock.times[1:]  # the streamer's first put() is the prompt
     row: dict[str, Any] = {"backend": backend, "tokens": len(stamps) - 1,
                            "warmup_s": round(warmup_s, 2),
