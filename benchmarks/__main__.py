@@ -58,13 +58,18 @@ def run_worker(model: str, args: argparse.Namespace, cache: str, *, first_call_o
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache, "inductor"),
            "JITOPT_CACHE_DIR": os.path.join(cache, "jitopt"), "OMP_NUM_THREADS": str(args.threads)}
     phase = "warm compile" if first_call_only else "measure"
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=env, cwd=Path(__file__).resolve().parent.parent) as proc:
+    # stderr goes to a file: a worker that warns a lot would otherwise fill the pipe while
+    # this loop reads stdout, and both would wait for ever.
+    with tempfile.TemporaryFile("w+") as errors, subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=errors, text=True, env=env,
+            cwd=Path(__file__).resolve().parent.parent) as proc:
         for line in proc.stdout:
             if line.startswith("@@ "):
                 bar.set_description(f"{model} / {line[3:].strip()} ({phase})")
                 bar.update(1)
-        stderr = proc.stderr.read()
+        proc.wait()
+        errors.seek(0)
+        stderr = errors.read()
     if proc.returncode != 0:
         return {"model": model, "rows": [{"backend": b, "status": "error",
                                           "error": f"worker crashed: {stderr.strip()[-300:]}"}
