@@ -37,6 +37,13 @@ def dynamo_counts() -> dict[str, int]:
             "frames": counters["frames"]["total"]}
 
 
+def jitopt_fallbacks() -> int:
+    """Graphs or partitions jitopt has run uncompiled so far (a compile that failed)."""
+    import jitopt
+
+    return sum(jitopt.counters["fallbacks"].values())
+
+
 def finish_background_builds() -> None:
     import jitopt
 
@@ -74,7 +81,7 @@ def prepare(bench: BenchModel, backend: Backend, args: argparse.Namespace,
     # backend's cold start is measured as if it came first.
     gc.collect()
     gc.freeze()
-    before = dynamo_counts()
+    before, fallbacks = dynamo_counts(), jitopt_fallbacks()
     try:
         with PeakMemory() as memory:
             # Cold compile: preparing (export, convert, quantize) plus the first call, where
@@ -95,6 +102,9 @@ def prepare(bench: BenchModel, backend: Backend, args: argparse.Namespace,
                 raise RuntimeError(error)
             for _ in range(0 if args.first_call_only else args.warmup):
                 call()
+        if jitopt_fallbacks() > fallbacks:  # timing ATen under jitopt's name would mislead
+            raise RuntimeError("jitopt fell back to running ATen uncompiled (see its "
+                               "JitoptFallbackWarning)")
         row["peak_mb"] = memory.peak_mb
         after = dynamo_counts()
         row.update(graphs=after["graphs"] - before["graphs"], recompiles=0,

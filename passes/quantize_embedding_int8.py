@@ -37,7 +37,8 @@ def quantize_embedding_int8(gm: fx.GraphModule) -> int:
                                            {"dtype": torch.float32})
             scales = graph.call_function(aten.embedding.default, (scale_node, indices))
             out = graph.call_function(aten.mul.Tensor, (as_float, scales))  # [..., D] * [..., 1]
-        set_meta([rows, as_float, scales, out], tensor_meta(indices).fake_mode)
+        # The lookup's own value is fake; its indices may be a constant (BERT's positions).
+        set_meta([rows, as_float, scales, out], tensor_meta(node).fake_mode)
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         record_layer(gm, node, table, "int8 (embedding rows)", kind="embedding",

@@ -55,3 +55,27 @@ def test_other_modes_leave_embeddings_alone():
         got = torch.compile(model, backend="jitopt", options={"quantize": "bf16"})(ids)
         torch.testing.assert_close(got, model(ids), atol=0.05, rtol=0.05)
     assert jitopt.counters["passes"]["quantize_embedding_int8"] == 0
+
+
+def test_lookups_of_constant_indices():
+    """Regression: BERT looks up its token-type embeddings with a constant index buffer
+    (too large a result for fold_constants to fold), whose meta value is not a fake tensor;
+    the pass took its fake mode from there and failed."""
+    class TokenTypes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Embedding(2, 8)
+            self.register_buffer("types", torch.zeros(1, 24, dtype=torch.long),
+                                 persistent=False)
+
+        def forward(self, x):
+            return x + self.table(self.types)
+
+    torch.manual_seed(0)
+    model, x = TokenTypes().eval(), torch.randn(2, 24, 8)
+    with torch.no_grad():
+        got = torch.compile(model, backend="jitopt",
+                            options={"quantize": "int8-weight-only"})(x)
+        want = x + F.embedding(model.types, _rows_int8(model.table.weight.detach()))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert jitopt.counters["passes"]["quantize_embedding_int8"] == 1
