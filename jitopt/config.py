@@ -103,29 +103,24 @@ class Config:
     """Check the graph invariants (passes/README.md) after the whole pipeline, or after each
     pass (slower, points at the pass that broke one)."""
 
+    def _check_budget(self, name: str, kind: str, valid: Any) -> None:
+        """An accuracy budget is a number `valid` accepts, and needs a quantize mode."""
+        value = getattr(self, name)
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):
+            raise ValueError(f"jitopt option {name!r} must be {kind} or None, got {value!r}")
+        if self.quantize is None:
+            raise ValueError(f"jitopt option {name!r} is a budget for 'quantize'; set quantize "
+                             f"too (valid choices: {list(QUANTIZE_IMPLEMENTED)})")
+
     def __post_init__(self) -> None:
         _check_choice("on_error", self.on_error, ON_ERROR_CHOICES)
         _check_choice("verify", self.verify, VERIFY_CHOICES)
         _check_quantize(self.quantize)
-        if self.quantize_min_sqnr_db is not None:
-            if isinstance(self.quantize_min_sqnr_db, bool) or not isinstance(
-                    self.quantize_min_sqnr_db, (int, float)):
-                raise ValueError("jitopt option 'quantize_min_sqnr_db' must be a number of dB "
-                                 f"or None, got {self.quantize_min_sqnr_db!r}")
-            if self.quantize is None:
-                raise ValueError("jitopt option 'quantize_min_sqnr_db' is a budget for "
-                                 "'quantize'; set quantize too (valid choices: "
-                                 f"{list(QUANTIZE_IMPLEMENTED)})")
-        if self.quantize_max_error is not None:
-            if isinstance(self.quantize_max_error, bool) or not isinstance(
-                    self.quantize_max_error, (int, float)) or not self.quantize_max_error > 0:
-                raise ValueError("jitopt option 'quantize_max_error' must be a positive "
-                                 f"relative error (0.01 is 1%) or None, got "
-                                 f"{self.quantize_max_error!r}")
-            if self.quantize is None:
-                raise ValueError("jitopt option 'quantize_max_error' is a budget for "
-                                 "'quantize'; set quantize too (valid choices: "
-                                 f"{list(QUANTIZE_IMPLEMENTED)})")
+        self._check_budget("quantize_min_sqnr_db", "a number of dB", lambda v: True)
+        self._check_budget("quantize_max_error", "a positive relative error (0.01 is 1%)",
+                           lambda v: v > 0)
         if self.quantize_group_size is not None:
             if (isinstance(self.quantize_group_size, bool)
                     or not isinstance(self.quantize_group_size, int)

@@ -25,7 +25,7 @@ def prepack_convolutions(gm: fx.GraphModule) -> int:
     old_vals = {n: n.meta.get("val") for n in gm.graph.nodes}
     changed: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
-        if not _prepackable(node):
+        if not is_frozen_cpu_conv2d(node):
             continue
         x, weight_node, bias_node, stride, padding, dilation, _, _, groups = node.args
         packed = torch.ops.mkldnn._reorder_convolution_weight(
@@ -46,7 +46,9 @@ def prepack_convolutions(gm: fx.GraphModule) -> int:
     return len([n for n in changed if n.target is CONV])
 
 
-def _prepackable(node: fx.Node) -> bool:
+def is_frozen_cpu_conv2d(node: fx.Node) -> bool:
+    """A 2-D, not transposed, float32 CPU convolution of a static-size input with a frozen
+    weight (and bias): what oneDNN's prepacked paths take."""
     if not is_op(node, aten.convolution.default):
         return False
     x, weight_node, bias_node, stride, padding, dilation, transposed, _, groups = node.args

@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from jitopt.passes.constants import add_constant, constant_value, is_constant
+from jitopt.passes.constants import add_constant, constant_value
 from jitopt.passes.frozen_linears import record_layer
 from jitopt.passes.graph_facts import is_op, tensor_meta
+from jitopt.passes.prepack_convolutions import is_frozen_cpu_conv2d
 from jitopt.passes.quantize_linear_int8 import quantize_per_channel, weight_sqnr_db
 from jitopt.passes.refresh_meta import refresh_meta_downstream, set_meta
 
@@ -31,7 +32,7 @@ def quantize_conv_int8_static(gm: fx.GraphModule) -> int:
         return 0
     rewrites, changed = 0, set()
     for node in list(gm.graph.nodes):
-        if not _quantizable(node):
+        if not is_frozen_cpu_conv2d(node):
             continue
         weight = constant_value(node.args[1])
         kept = gm.meta.get("quantize_keep", {}).get(node.name)
@@ -62,20 +63,6 @@ def fake_quantize_activation(x: torch.Tensor, scale: float, zero_point: int) -> 
     """What the rewritten graph computes for x, back in float: the eager reference."""
     q = torch.clamp(torch.round(x / scale) + zero_point, 0, UINT8_MAX)
     return (q - zero_point) * scale
-
-
-def _quantizable(node: fx.Node) -> bool:
-    if not is_op(node, aten.convolution.default):
-        return False
-    x, weight_node, bias_node, _, _, _, transposed, _, _ = node.args
-    value = tensor_meta(x)
-    if transposed or value is None or not is_constant(weight_node):
-        return False
-    weight = constant_value(weight_node)
-    return (weight.dim() == 4 and weight.dtype == torch.float32 and weight.device.type == "cpu"
-            and value.dtype == torch.float32 and value.device.type == "cpu" and value.dim() == 4
-            and all(isinstance(d, int) for d in value.shape)
-            and (bias_node is None or is_constant(bias_node)))
 
 
 def _quantized_conv(gm: fx.GraphModule, node: fx.Node, weight: torch.Tensor, x_scale: float,
