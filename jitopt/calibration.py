@@ -62,7 +62,9 @@ def calibrate(model: torch.nn.Module, batches: Iterable[Any], *, observer: str =
         hists = _observe(model, convs, batches, lambda name, x, h: _histogram(
             x, extremes[name]) + (0 if h is None else h))
         pick = _percentile_range if observer == "percentile" else _entropy_range
-        ranges = {n: pick(hists[n], extremes[n], percentile) for n in extremes}
+        # An input that never varied has nothing to clip (and no histogram width).
+        ranges = {n: pick(hists[n], rng, percentile) if rng[1] > rng[0] else rng
+                  for n, rng in extremes.items()}
     else:
         ranges = dict(extremes)
     for name, rng in ranges.items():

@@ -79,3 +79,10 @@ def test_no_batches_or_no_convolutions_is_an_error():
         jitopt.calibrate(_model(), [])
     with pytest.raises(ValueError, match="no nn.Conv2d"):
         jitopt.calibrate(nn.Linear(2, 2), [torch.randn(1, 2)])
+
+
+@pytest.mark.parametrize("observer", ["percentile", "entropy"])
+def test_an_input_that_never_varies_keeps_its_one_value(observer):
+    model = _model()
+    ranges = jitopt.calibrate(model, [torch.full((1, 1, 8, 8), -2.0)], observer=observer).ranges
+    assert ranges["0"] == (-2.0, -2.0)
