@@ -20,6 +20,8 @@ from jitopt.passes.quantize_conv_int8_static import (
 from jitopt.passes.quantize_linear_int8 import (
     INT8_MAX, MIN_SCALE, quantize_per_channel, smoothing_scales)
 
+MATMULS = (torch.ops.aten.addmm.default, torch.ops.aten.mm.default)
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerQuantizer:
@@ -73,12 +75,11 @@ def measure(reference: fx.GraphModule, compiled: Callable[[list], Any],
     activations it sees) and return the end-to-end error
     ({"cosine", "max_abs_error", "outputs"}); None when the inputs cannot be used (symbolic,
     fake) or running the graph would write into them."""
-    if not all(_real(x) for x in inputs) or any(writes_input(n) for n in reference.graph.nodes):
+    recorded = _recorded(reference, inputs, {q["layer"] for q in layers})
+    if recorded is None:
         return None
-    reference.recompile()
-    recorder = _Recorder(reference, {q["layer"] for q in layers})
+    recorder, want = recorded
     with torch.no_grad():
-        want = recorder.run(*inputs)
         got = compiled(list(inputs))
     for q in layers:
         # "reason": kept in fp32; an embedding's output error is its table's (weight SQNR)
@@ -93,17 +94,13 @@ def linear_sqnrs(reference: fx.GraphModule, inputs: Sequence[Any], quantizer: La
     """Each addmm/mm's (and calibrated convolution's) output SQNR (dB) were it quantized
     alone, on the example inputs: what an accuracy budget decides from, before any layer is
     rewritten. None: not measurable."""
-    if not all(_real(x) for x in inputs) or any(writes_input(n) for n in reference.graph.nodes):
-        return None
-    mms = (torch.ops.aten.addmm.default, torch.ops.aten.mm.default)
     ranges = {n.name: n.meta.get("input_range") for n in reference.graph.nodes
-              if n.target in mms or "input_range" in n.meta}
-    reference.recompile()
-    recorder = _Recorder(reference, set(ranges))
-    with torch.no_grad():
-        recorder.run(*inputs)
+              if n.target in MATMULS or "input_range" in n.meta}
+    recorded = _recorded(reference, inputs, set(ranges))
+    if recorded is None:
+        return None
     return {name: _layer_sqnr(*seen, quantizer, ranges[name], name)
-            for name, seen in recorder.seen.items()
+            for name, seen in recorded[0].seen.items()
             if all(a.dtype == torch.float32 for a in seen[0] if isinstance(a, torch.Tensor))}
 
 
@@ -111,20 +108,29 @@ def activation_absmax(reference: fx.GraphModule, inputs: Sequence[Any]
                       ) -> dict[str, torch.Tensor] | None:
     """Each 2-D float32 addmm/mm's per-input-channel max |x| on the example inputs (for
     quantize="int8"'s SmoothQuant scales). None: not measurable."""
-    if not all(_real(x) for x in inputs) or any(writes_input(n) for n in reference.graph.nodes):
+    recorded = _recorded(reference, inputs,
+                         {n.name for n in reference.graph.nodes if n.target in MATMULS})
+    if recorded is None:
         return None
-    mms = (torch.ops.aten.addmm.default, torch.ops.aten.mm.default)
-    names = {n.name for n in reference.graph.nodes if n.target in mms}
-    reference.recompile()
-    recorder = _Recorder(reference, names)
-    with torch.no_grad():
-        recorder.run(*inputs)
     found = {}
-    for name, (args, _) in recorder.seen.items():
+    for name, (args, _) in recorded[0].seen.items():
         x = args[-2]
         if isinstance(x, torch.Tensor) and x.dim() == 2 and x.dtype == torch.float32:
             found[name] = x.abs().amax(dim=0)
     return found
+
+
+def _recorded(reference: fx.GraphModule, inputs: Sequence[Any], names: set[str]
+              ) -> tuple["_Recorder", Any] | None:
+    """Run the fp32 graph on the example inputs, keeping the named layers' operands and
+    outputs: (the recorder, the graph's outputs), or None when the inputs cannot be used
+    (symbolic, fake) or running the graph would write into them."""
+    if not all(_real(x) for x in inputs) or any(writes_input(n) for n in reference.graph.nodes):
+        return None
+    reference.recompile()
+    recorder = _Recorder(reference, names)
+    with torch.no_grad():
+        return recorder, recorder.run(*inputs)
 
 
 class _Recorder(fx.Interpreter):
@@ -174,10 +180,14 @@ def keep_for_error_budget(reference: fx.GraphModule, inputs: Sequence[Any],
     with torch.no_grad():
         want = _tensors(reference(*inputs))
 
-    def error(kept: int) -> float:
-        quantized = {name: ranges.get(name) for name in order[kept:]}
-        got = _tensors(_Simulator(reference, quantized, quantizer).run(*inputs))
-        return _relative_error(want, got)
+    errors: dict[int, float] = {}
+
+    def error(kept: int) -> float:  # each count simulated once
+        if kept not in errors:
+            quantized = {name: ranges.get(name) for name in order[kept:]}
+            got = _tensors(_Simulator(reference, quantized, quantizer).run(*inputs))
+            errors[kept] = _relative_error(want, got)
+        return errors[kept]
 
     if not order or error(0) <= max_error:
         return {}
@@ -231,7 +241,7 @@ def _end_to_end(want: Any, got: Any) -> dict[str, Any]:
     cosine = torch.nn.functional.cosine_similarity(flat_w, flat_g, 0).item()
     return {"outputs": len(pairs), "cosine": round(cosine, 6),
             "max_abs_error": float((flat_w - flat_g).abs().max()),
-            "relative_error": float((flat_w - flat_g).norm() / flat_w.norm().clamp_min(1e-300))}
+            "relative_error": _relative_error([flat_w], [flat_g])}
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:

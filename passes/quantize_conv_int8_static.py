@@ -78,11 +78,12 @@ def _quantized_conv(gm: fx.GraphModule, node: fx.Node, weight: torch.Tensor, x_s
     relu = _only_relu_user(node)
     graph = gm.graph
     with graph.inserting_before(node):
-        xq = _quantize_activation(graph, x, x_scale, x_zp)
+        steps = _quantize_activation(graph, x, x_scale, x_zp)
+        xq = steps[-1]
         conv = graph.call_function(QCONV, (
             xq, x_scale, x_zp, *consts, bias_node, stride, padding, dilation, groups, 1.0, 0,
             torch.float32, "relu" if relu is not None else "none", [], ""))
-    set_meta(_chain(xq), tensor_meta(x).fake_mode)
+    set_meta(steps, tensor_meta(x).fake_mode)
     # oneDNN's output is channels-last (the packed weight has no fake counterpart to run the
     # op's meta function on); downstream meta is refreshed from it.
     conv.meta["val"] = node.meta["val"].contiguous(memory_format=torch.channels_last)
@@ -105,18 +106,13 @@ def _only_relu_user(node: fx.Node) -> fx.Node | None:
 
 
 def _quantize_activation(graph: fx.Graph, x: fx.Node, scale: float, zero_point: int
-                         ) -> fx.Node:
-    """uint8(clamp(round(x / scale) + zero_point, 0, 255)), as ATen pointwise ops."""
+                         ) -> list[fx.Node]:
+    """uint8(clamp(round(x / scale) + zero_point, 0, 255)) as ATen pointwise ops: the new
+    nodes in order, the uint8 value last."""
     scaled = graph.call_function(aten.div.Tensor, (x, scale))
-    shifted = graph.call_function(aten.add.Tensor, (
-        graph.call_function(aten.round.default, (scaled,)), zero_point))
+    rounded = graph.call_function(aten.round.default, (scaled,))
+    shifted = graph.call_function(aten.add.Tensor, (rounded, zero_point))
     clamped = graph.call_function(aten.clamp.default, (shifted, 0, UINT8_MAX))
-    return graph.call_function(aten._to_copy.default, (clamped,), {"dtype": torch.uint8})
+    return [scaled, rounded, shifted, clamped,
+            graph.call_function(aten._to_copy.default, (clamped,), {"dtype": torch.uint8})]
 
-
-def _chain(last: fx.Node) -> list[fx.Node]:
-    """The five nodes _quantize_activation made, in order."""
-    clamped = last.args[0]
-    shifted = clamped.args[0]
-    rounded = shifted.args[0]
-    return [rounded.args[0], rounded, shifted, clamped, last]
