@@ -67,11 +67,15 @@ SMOOTHING_ALPHA = 0.5
 
 def smoothing_scales(x_absmax: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Per input channel k: s_k = max|x_k|^alpha / max|W_k|^(1 - alpha), for a [N, K]
-    weight and x's measured [K] channel maxima (SmoothQuant, Xiao et al. 2023)."""
+    weight and x's measured [K] channel maxima (SmoothQuant, Xiao et al. 2023), but never
+    below 1: x is only ever divided down. A channel the examples barely used (a ReLU output
+    that was zero on all of them) would otherwise be multiplied by up to 1e4, and the first
+    input that does use it has that one value set its row's int8 scale, rounding every other
+    channel of the row to zero."""
     w_absmax = weight.abs().amax(dim=0)
     scales = (x_absmax.float().clamp_min(1e-5).pow(SMOOTHING_ALPHA)
               / w_absmax.clamp_min(1e-5).pow(1 - SMOOTHING_ALPHA))
-    return scales.clamp(1e-4, 1e4)
+    return scales.clamp(1.0, 1e4)
 
 
 def _scaled(gm: fx.GraphModule, x: fx.Node, inverse: torch.Tensor, before: fx.Node) -> fx.Node:

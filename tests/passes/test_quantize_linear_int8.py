@@ -62,6 +62,22 @@ def test_smoothing_moves_outlier_channels_into_the_weight():
     assert all(q["smoothing"] == "SmoothQuant alpha=0.5" for q in layers)
 
 
+def test_channels_the_examples_left_at_zero_are_not_amplified():
+    """Regression: a ReLU output channel that was zero on every example got a SmoothQuant
+    scale of 1e-4, so x was multiplied by 1e4 there; the first input that used the channel
+    had that one value set its row's int8 scale and every other channel rounded to zero (a
+    0.7 error on outputs of about 0.5)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 80), nn.ReLU(), nn.Linear(80, 40, bias=False)).eval()
+    examples, later = torch.randn(3, 96), torch.randn(20, 96)
+    compiled = torch.compile(model, backend="jitopt", options={"quantize": "int8"})
+    with torch.no_grad():
+        assert (torch.relu(model[0](examples)) == 0).all(0).sum() > 0  # dead on the examples
+        compiled(examples)
+        got, fp32 = compiled(later[:3]), model(later[:3])
+    assert F.cosine_similarity(got.flatten(), fp32.flatten(), 0) > 0.999
+
+
 def test_all_zero_rows_stay_zero():
     model, x = _mlp(), torch.randn(4, 64)
     x[1] = 0
