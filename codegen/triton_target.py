@@ -30,6 +30,9 @@ from jitopt.codegen import lowering, triton_kernel
 from jitopt.codegen.fusion_target import (
     FusionTarget, layout_check, plan_kernels, returns_single, size_tuple, tensor_params)
 from jitopt.codegen.kernel_ir import Kernel, index_source
+from jitopt.codegen.triton_quantized_linear import (
+    render_triton_linear, render_triton_linear_launcher, tiles, triton_linear_groups,
+    triton_linear_node, triton_linear_spec)
 from jitopt.debug import counters
 from jitopt.errors import Declined, JitoptFallbackWarning
 from jitopt.runtime.cpp_loader import relayout
@@ -95,6 +98,9 @@ class TritonTarget(FusionTarget):
         self.device = device
         self.configs = tuple(configs) if configs is not None else None
 
+    def propose(self, gm: fx.GraphModule) -> list[list[fx.Node]]:
+        return super().propose(gm) + triton_linear_groups(gm, self.device)
+
     def lower_all(self, partitions: dict[str, fx.GraphModule], *,
                   background: bool = False) -> dict[str, Any]:
         """Lower every group into one module of kernels (identical kernels once). A group that
@@ -103,18 +109,30 @@ class TritonTarget(FusionTarget):
         reason = triton_unavailable()
         if reason is not None:
             return {name: Declined(reason) for name in partitions}
-        results, planned, kernels = plan_kernels(partitions, triton_kernel.render_kernel)
-        if not planned:
+        linears = {name: gm for name, gm in partitions.items()
+                   if triton_linear_node(gm) is not None}
+        fused = {name: gm for name, gm in partitions.items() if name not in linears}
+        results, planned, kernels = plan_kernels(fused, triton_kernel.render_kernel)
+        specs = _linear_specs(linears, results)
+        if not planned and not specs:
             return results
         interpret = interpreting()
         decorators = {k.name: _autotune(k, self._configs(k, interpret)) for k in kernels}
-        source = render_source(kernels, decorators)
+        # Linears of one spec share one kernel (every layer of a transformer block type).
+        linear_kernels = {spec: f"quantized_linear_{i}"
+                          for i, spec in enumerate(dict.fromkeys(specs.values()))}
+        source = render_source(kernels, decorators) + "".join(
+            "\n\n" + render_triton_linear(spec, kernel, tiles(spec, interpret))
+            for spec, kernel in linear_kernels.items())
         module = load_module(source)
         for name, (kernel, signature, gm) in planned.items():
             try:
                 results[name] = _artifact(kernel, signature, gm, module, source)
             except Exception as e:  # e.g. a layout the launcher cannot check: ATen runs it
                 results[name] = e
+        for name, spec in specs.items():
+            results[name] = _linear_artifact(spec, linear_kernels[spec], linears[name],
+                                             module, source)
         return results
 
     def _configs(self, kernel: Kernel, interpret: bool) -> tuple[dict[str, int], ...]:
@@ -137,6 +155,31 @@ def _artifact(kernel: Kernel, signature: lowering.KernelSignature, gm: fx.GraphM
     if device.type == "cuda":
         launcher = FirstLaunchFallback(launcher, gm, kernel.name)
     return TritonArtifact(launcher, kernel.name, source, launcher_source)
+
+
+def _linear_specs(linears: dict[str, fx.GraphModule], failed: dict[str, Any]
+                  ) -> dict[str, Any]:
+    """Each quantized-linear partition's spec; one that cannot have one goes to `failed`."""
+    specs = {}
+    for name, gm in linears.items():
+        try:
+            specs[name] = triton_linear_spec(triton_linear_node(gm))
+        except Declined as e:
+            failed[name] = e
+    return specs
+
+
+def _linear_artifact(spec: Any, kernel_name: str, gm: fx.GraphModule, module: ModuleType,
+                     source: str) -> TritonArtifact:
+    """A quantized linear's launcher around its kernel (codegen/triton_quantized_linear.py)."""
+    device = group_device(gm)
+    name = f"launch_{kernel_name}"
+    launcher_source = render_triton_linear_launcher(name, spec, gm, device.type)
+    launcher = build_launcher(launcher_source, name, getattr(module, kernel_name), device)
+    if device.type == "cuda":
+        launcher = FirstLaunchFallback(launcher, gm, kernel_name)
+    counters["kernels"]["triton_quantized_linear"] += 1
+    return TritonArtifact(launcher, kernel_name, source, launcher_source)
 
 
 class FirstLaunchFallback:

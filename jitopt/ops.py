@@ -20,7 +20,7 @@ def pack_weight_blocks(wq: torch.Tensor) -> torch.Tensor:
     zeros. (For int8 and for the 16-bit float formats alike.)"""
     n, k = wq.shape
     blocks = -(-n // WEIGHT_BLOCK)
-    padded = torch.zeros(blocks * WEIGHT_BLOCK, k, dtype=wq.dtype)
+    padded = torch.zeros(blocks * WEIGHT_BLOCK, k, dtype=wq.dtype, device=wq.device)
     padded[:n] = wq
     return padded.view(blocks, WEIGHT_BLOCK, k).transpose(1, 2).contiguous()
 
@@ -36,10 +36,11 @@ def linear_int8_weight(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ (unpack(weight) * scale[:, None]).T (+ bias): a linear layer over an int8
     weight packed by pack_weight_blocks, with one float32 scale per output channel (N =
-    scale's length). x is float32 [M, K]; y float32 [M, N]. This reference dequantizes the
-    whole weight on every call; the CPU target runs a kernel that reads it as int8."""
+    scale's length). x is [M, K] (float32; on CUDA also float16 or bfloat16); y [M, N] of x's
+    dtype. This reference dequantizes the whole weight on every call; the CPU and GPU targets
+    run kernels that read it as int8."""
     weight_float = unpack_weight_blocks(weight, scale.shape[0]).float() * scale[:, None]
-    return F.linear(x, weight_float, bias)
+    return F.linear(x, weight_float.to(x.dtype), bias)
 
 
 @linear_int8_weight.register_fake
@@ -72,15 +73,15 @@ def linear_int4_weight(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     """y = x @ W.T (+ bias) where W[c, k] = q[c, k] * scale[c, g] + offset[c, g] for the group
     g = k // group_size: 4-bit codes q (0..15) packed by pack_int4_weight, a float32 scale
     and offset per output channel and group of input channels ([N, groups], packed by
-    pack_weight_blocks like a weight). x is float32 [M, K]; y float32 [M, n]. This
-    reference dequantizes on every call."""
+    pack_weight_blocks like a weight). x is [M, K] (float32; on CUDA also float16 or
+    bfloat16); y [M, n] of x's dtype. This reference dequantizes on every call."""
     k = weight.shape[1]
 
     def per_weight(params: torch.Tensor) -> torch.Tensor:  # [n, K]
         return unpack_weight_blocks(params, n).repeat_interleave(group_size, dim=1)[:, :k]
 
     q = unpack_int4_weight(weight, n).float()  # [n, K]
-    return F.linear(x, q * per_weight(scale) + per_weight(offset), bias)
+    return F.linear(x, (q * per_weight(scale) + per_weight(offset)).to(x.dtype), bias)
 
 
 @linear_int4_weight.register_fake

@@ -42,7 +42,7 @@ class LayerQuantizer:
             wq, w_scale = quantize_per_channel(weight.t())
             x_scale = x.abs().amax(-1, keepdim=True).clamp_min(MIN_SCALE) / INT8_MAX
             xq = torch.round(x / x_scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
-            return torch._int_mm(xq, wq.t()).float() * x_scale * w_scale
+            return _int8_product(xq, wq.t()).float() * x_scale * w_scale
         if self.mode == "int8-weight-only":
             wq, w_scale = quantize_per_channel(weight.t())
             return x @ (wq.float() * w_scale[:, None]).t()
@@ -66,6 +66,14 @@ class LayerQuantizer:
         wq, w_scale = quantize_per_channel(weight.reshape(weight.shape[0], -1))
         weight = (wq.float() * w_scale[:, None]).reshape(weight.shape)
         return torch.ops.aten.convolution.default(x, weight, *rest)
+
+
+def _int8_product(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """xq [M, K] @ wq [K, N], int8 into exact sums: `_int_mm` on CPU; elsewhere in float64
+    (exact below 2^53; cuBLASLt's int8 GEMM refuses 16 rows or fewer)."""
+    if xq.device.type == "cpu":
+        return torch._int_mm(xq, wq)
+    return xq.double() @ wq.double()
 
 
 def measure(reference: fx.GraphModule, compiled: Callable[[list], Any],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -10,17 +10,24 @@ import torch.fx as fx
 
 from jitopt.passes.constants import constant_value
 from jitopt.passes.graph_facts import tensor_meta
-from jitopt.passes.prepack_linear_weights import linear_operands
+from jitopt.passes.prepack_linear_weights import ONEDNN_LINEARS, linear_operands
+
+# The linears a quantize pass with kernels on both devices takes: float32 on CPU (the C++
+# kernels'), and on CUDA every float dtype (the Triton kernels read x as it comes).
+CPU_AND_CUDA_LINEARS = {"cpu": (torch.float32,),
+                        "cuda": (torch.float32, torch.float16, torch.bfloat16)}
 
 
-def frozen_linears(gm: fx.GraphModule, record_kept: bool = True
+def frozen_linears(gm: fx.GraphModule, record_kept: bool = True,
+                   accept: Mapping[str, tuple[torch.dtype, ...]] = ONEDNN_LINEARS
                    ) -> Iterator[tuple[fx.Node, fx.Node, torch.Tensor, fx.Node | None]]:
-    """Each addmm/mm over a frozen float32 weight with a 2-D float32 x, as (node, x, weight
-    as [N, K] (nn.Linear's layout), bias node or None). A layer an accuracy budget keeps
+    """Each addmm/mm over a frozen weight with a 2-D x, both of a device and dtype `accept`
+    lists (by default float32 on CPU), as (node, x, weight as [N, K] (nn.Linear's layout),
+    bias node or None). A layer an accuracy budget keeps
     (gm.meta["quantize_keep"]) is recorded as kept, with the budget's reason, and skipped
     (unless `record_kept` is False: then the caller sees it and decides)."""
     for node in list(gm.graph.nodes):
-        operands = linear_operands(node)
+        operands = linear_operands(node, accept)
         if operands is None or tensor_meta(operands[0]).dim() != 2:
             continue
         x, weight_node, bias_node = operands

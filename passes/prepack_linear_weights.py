@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
 
 import torch
 import torch.fx as fx
@@ -61,9 +62,16 @@ def _packed(weight: torch.Tensor) -> torch.Tensor:
     return entry[1][view]
 
 
-def linear_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
-    """(x, weight, bias) of `addmm(bias, x, weight)` or `mm(x, weight)` when oneDNN can take it:
-    a frozen 2-D float32 CPU weight, a 1-D frozen bias, no alpha/beta scaling."""
+# Device type -> the float dtypes a rewrite takes linears in: oneDNN's packed fp32 on CPU.
+ONEDNN_LINEARS = {"cpu": (torch.float32,)}
+
+
+def linear_operands(node: fx.Node, accept: Mapping[str, tuple[torch.dtype, ...]] = ONEDNN_LINEARS
+                    ) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
+    """(x, weight, bias) of `addmm(bias, x, weight)` or `mm(x, weight)` when a rewrite can take
+    it: a frozen 2-D weight whose device and dtype `accept` lists (by default oneDNN's:
+    float32 on CPU), x and the bias of that dtype and device, a 1-D frozen bias, no
+    alpha/beta scaling."""
     if is_op(node, aten.addmm.default) and not node.kwargs:
         bias_node, x, weight_node = node.args
         if not is_constant(bias_node) or constant_value(bias_node).dim() != 1:
@@ -75,8 +83,8 @@ def linear_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None] | 
     if not is_constant(weight_node):
         return None
     weight, value = constant_value(weight_node), tensor_meta(x)
-    ok = (weight.dim() == 2 and weight.dtype == torch.float32 and weight.device.type == "cpu"
+    ok = (weight.dim() == 2 and weight.dtype in accept.get(weight.device.type, ())
           and weight.layout == torch.strided and value is not None
-          and value.dtype == torch.float32 and value.device.type == "cpu"
-          and (bias_node is None or constant_value(bias_node).dtype == torch.float32))
+          and value.dtype == weight.dtype and value.device.type == weight.device.type
+          and (bias_node is None or constant_value(bias_node).dtype == weight.dtype))
     return (x, weight_node, bias_node) if ok else None

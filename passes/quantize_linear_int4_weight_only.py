@@ -8,7 +8,7 @@ import torch.fx as fx
 
 from jitopt.ops import pack_int4_weight, pack_weight_blocks  # (registers the op)
 from jitopt.passes.constants import add_constant
-from jitopt.passes.frozen_linears import frozen_linears, record_layer
+from jitopt.passes.frozen_linears import CPU_AND_CUDA_LINEARS, frozen_linears, record_layer
 from jitopt.passes.quantize_linear_int8 import sqnr_db
 from jitopt.passes.weight_memo import per_weight
 
@@ -19,16 +19,16 @@ MIN_SCALE = 1e-12  # a constant group: all codes 0, the offset carries the value
 
 
 def quantize_linear_int4_weight_only(gm: fx.GraphModule) -> int:
-    """Rewrites x @ W (+ b) with a frozen float32 [K, N] weight on CPU to
-    `jitopt::linear_int4_weight`: each output channel's weights, in groups of
+    """Rewrites x @ W (+ b) with a frozen [K, N] weight (float32 on CPU; any float dtype on
+    CUDA) to `jitopt::linear_int4_weight`: each output channel's weights, in groups of
     gm.meta["quantize_group_size"] input channels (default 64), map to 16 evenly spaced
     levels from the group's min to its max (asymmetric, so a skewed group loses nothing at
-    its ends); x stays float32, the arithmetic float32. Not exact: the weights' rounding,
+    its ends); x stays as it is, the sums float32. Not exact: the weights' rounding,
     reported per layer as their SQNR. An eighth of fp32's weight bytes, for memory-bound
     decoding. Layers named in gm.meta["quantize_keep"] stay fp32."""
     group_size = gm.meta.get("quantize_group_size") or DEFAULT_GROUP_SIZE
     rewrites = 0
-    for node, x, weight, bias_node in frozen_linears(gm):
+    for node, x, weight, bias_node in frozen_linears(gm, accept=CPU_AND_CUDA_LINEARS):
         *packed, sqnr = per_weight("int4-weight-only", weight,
                                    lambda: _prepared(weight, group_size), group_size)
         args = [x] + [add_constant(gm, value, f"{node.name}_int4{suffix}", node)
@@ -47,6 +47,7 @@ def quantize_linear_int4_weight_only(gm: fx.GraphModule) -> int:
 
 def _prepared(weight: torch.Tensor, group_size: int) -> tuple:
     """(codes, scales and offsets packed for the kernel, the weight's SQNR in dB)."""
+    weight = weight.float()
     q, scale, offset = quantize_int4_grouped(weight, group_size)
     restored = dequantize_int4_grouped(q, scale, offset, group_size)
     return (pack_int4_weight(q), pack_weight_blocks(scale), pack_weight_blocks(offset),

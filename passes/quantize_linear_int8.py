@@ -9,7 +9,7 @@ import torch.fx as fx
 
 from jitopt.passes.constants import add_constant
 from jitopt.passes.graph_facts import tensor_meta
-from jitopt.passes.frozen_linears import frozen_linears, record_layer
+from jitopt.passes.frozen_linears import CPU_AND_CUDA_LINEARS, frozen_linears, record_layer
 from jitopt.passes.refresh_meta import set_meta
 
 aten = torch.ops.aten
@@ -20,14 +20,16 @@ MIN_SCALE = 1e-12
 
 
 def quantize_linear_int8(gm: fx.GraphModule) -> int:
-    """Rewrites x @ W (+ b) with a frozen float32 [K, N] weight on CPU to dynamic per-token int8
-    activations times per-channel int8 weights: xq = round(x / sx), sx = amax|x row| / 127;
+    """Rewrites x @ W (+ b) with a frozen [K, N] weight (float32 on CPU; any float dtype on
+    CUDA, computed around the product in float32) to dynamic per-token int8 activations times
+    per-channel int8 weights: xq = round(x / sx), sx = amax|x row| / 127;
     wq and sw likewise per output channel, once; y = (xq @ wq) * sx * sw (+ b), the product
     in int32 (`torch._int_mm`, about 3.5x fp32's throughput here). Not exact: the error is
     the rounding of x and W to 255 levels, which jitopt reports per layer as the weight's
     SQNR (`quantized_layers` in explain). The scaling and rounding around the product are
     pointwise and row reductions, so they fuse into generated kernels. The int8 weight is
-    stored in whichever memory order _int_mm measured faster at the example's shape. Layers
+    stored in whichever memory order _int_mm measured faster at the example's shape (on CUDA
+    column-major, cuBLASLt's int8 layout). Layers
     named in gm.meta["quantize_keep"] (an accuracy budget's verdict) stay fp32.
     Where gm.meta["activation_absmax"] gives a layer's per-input-channel max |x| (measured
     on the example inputs), x / s and W * s replace x and W (SmoothQuant, `smoothing_scales`):
@@ -35,19 +37,21 @@ def quantize_linear_int8(gm: fx.GraphModule) -> int:
     other channel's rounding, moved into W, whose per-channel scales absorb them."""
     rewrites = 0
     absmax = gm.meta.get("activation_absmax") or {}
-    for node, x, weight, bias_node in frozen_linears(gm):
+    for node, x, weight, bias_node in frozen_linears(gm, accept=CPU_AND_CUDA_LINEARS):
+        weight, out_dtype = weight.float(), tensor_meta(x).dtype
         smooth = smoothing_scales(absmax[node.name], weight) if node.name in absmax else None
         if smooth is not None:
             weight = weight * smooth  # [N, K] * [K]
             with gm.graph.inserting_before(node):
                 x = _scaled(gm, x, 1.0 / smooth, node)
         wq, w_scale = quantize_per_channel(weight)  # [N, K] int8, [N]
-        layout = faster_weight_layout(tensor_meta(x).shape[0], *wq.shape)
+        layout = ("NK" if wq.device.type == "cuda" else
+                  faster_weight_layout(tensor_meta(x).shape[0], *wq.shape))
         wq_kn = wq.t() if layout == "NK" else wq.t().contiguous()  # [K, N], either memory order
         wq_node = add_constant(gm, wq_kn, node.name + "_int8", node)
         scale_node = add_constant(gm, w_scale, node.name + "_int8_scale", node)
         with gm.graph.inserting_before(node):
-            out = _int8_linear(gm.graph, x, wq_node, scale_node, bias_node)
+            out = _int8_linear(gm.graph, x, wq_node, scale_node, bias_node, out_dtype)
         out.meta["val"] = node.meta["val"]
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
@@ -136,28 +140,32 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 def _int8_linear(graph: fx.Graph, x: fx.Node, wq: fx.Node, w_scale: fx.Node,
-                 bias: fx.Node | None) -> fx.Node:
-    """y = _int_mm(round(x / sx), wq) * sx * sw (+ b), sx per row of x; wq is [K, N]."""
+                 bias: fx.Node | None, out_dtype: torch.dtype) -> fx.Node:
+    """y = _int_mm(round(x / sx), wq) * sx * sw (+ b), sx per row of x; wq is [K, N]. A
+    half-precision x is widened first and y narrowed to `out_dtype`: the scales stay float32."""
     fake = tensor_meta(x)
     steps: list[fx.Node] = []
 
-    def call(op, *args):
-        node = graph.call_function(op, args)
+    def call(op, *args, **kwargs):
+        node = graph.call_function(op, args, kwargs)
         steps.append(node)
         return node
+
+    if fake.dtype != torch.float32:
+        x = call(aten._to_copy.default, x, dtype=torch.float32)
 
     amax = call(aten.amax.default, call(aten.abs.default, x), [-1], True)  # [M, 1]
     x_scale = call(aten.div.Tensor, call(aten.clamp_min.default, amax, MIN_SCALE), INT8_MAX)
     rounded = call(aten.round.default, call(aten.div.Tensor, x, x_scale))
     clamped = call(aten.clamp.default, rounded, -INT8_MAX, INT8_MAX)
-    xq = graph.call_function(aten._to_copy.default, (clamped,), {"dtype": torch.int8})
-    steps.append(xq)
+    xq = call(aten._to_copy.default, clamped, dtype=torch.int8)
     acc = call(aten._int_mm.default, xq, wq)  # [M, N] int32
-    as_float = graph.call_function(aten._to_copy.default, (acc,), {"dtype": torch.float32})
-    steps.append(as_float)
+    as_float = call(aten._to_copy.default, acc, dtype=torch.float32)
     out = call(aten.mul.Tensor, call(aten.mul.Tensor, as_float, x_scale), w_scale)
     if bias is not None:
         out = call(aten.add.Tensor, out, bias)
+    if out_dtype != torch.float32:
+        out = call(aten._to_copy.default, out, dtype=out_dtype)
     set_meta(steps, fake.fake_mode)
     return out
 

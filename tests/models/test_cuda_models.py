@@ -58,6 +58,30 @@ def test_mlp(dtype):
     assert jitopt.counters["targets"]["triton_partitions"] >= 1
 
 
+@pytest.mark.parametrize("mode", ["int8", "int8-weight-only", "int4-weight-only"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows", [4, 48])
+def test_quantized_mlp(mode, dtype, rows):
+    """The quantize modes on CUDA: Triton kernels read the int8 or 4-bit weights (and take
+    int8 x int8 products of 16 rows or fewer, which cuBLASLt refuses)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 128)).eval()
+    x = torch.randn(rows, 256)
+    with torch.no_grad():
+        fp32 = model(x)
+    model, x = model.to("cuda", dtype), x.to("cuda", dtype)
+    compiled = torch.compile(model, backend="jitopt", options={"quantize": mode})
+    with torch.no_grad():
+        got = compiled(x)
+    assert got.device.type == "cuda" and got.dtype == dtype
+    cosine = torch.nn.functional.cosine_similarity(got.float().cpu().flatten(),
+                                                   fp32.flatten(), 0)
+    assert cosine > (0.99 if mode == "int4-weight-only" else 0.999)
+    triton_products = mode != "int8" or rows <= 16
+    assert (jitopt.counters["kernels"]["triton_quantized_linear"] >= 1) is triton_products
+    assert sum(jitopt.counters["fallbacks"].values()) == 0
+
+
 def test_cnn_with_batchnorm():
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                           nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
