@@ -59,7 +59,7 @@ def test_mlp(dtype):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int8-weight-only", "int4-weight-only"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rows", [4, 48])
 def test_quantized_mlp(mode, dtype, rows):
     """The quantize modes on CUDA: Triton kernels read the int8 or 4-bit weights (and take
