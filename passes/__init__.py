@@ -20,6 +20,7 @@ from jitopt.passes.remove_noops import remove_noops
 from jitopt.passes.rewrite_attention import rewrite_attention
 from jitopt.passes.rewrite_gelu_tanh import rewrite_gelu_tanh
 from jitopt.passes.rewrite_kv_cache import rewrite_kv_cache
+from jitopt.passes.split_constant_bmm import split_constant_bmm
 from jitopt.passes.store_linear_weights_half import (
     store_linear_weights_bf16, store_linear_weights_fp16)
 
@@ -34,6 +35,9 @@ PIPELINE = [
     fold_linear_bn,
     # GPT-2's GELU written out becomes one op, which the linear epilogue below can take.
     rewrite_gelu_tanh,
+    # With the int8 and int4 modes: a batched matmul over frozen weights to one matmul per
+    # batch entry, which the linear quantize passes below then take.
+    split_constant_bmm,
     # One of these, per the `quantize` option: linears over frozen weights to int8 products,
     # or to int8 / int4 / bfloat16 / float16 weights, or calibrated convolutions to uint8 x
     # int8 ones (after the BN folds, before packing, which would claim them in fp32).
@@ -75,14 +79,16 @@ INFERENCE_ONLY = frozenset({remove_noops, fold_constants, fold_conv_bn, fold_lin
                             quantize_linear_int8, quantize_linear_int8_weight_only,
                             quantize_linear_int4_weight_only, store_linear_weights_bf16,
                             store_linear_weights_fp16, quantize_conv_int8_static,
-                            quantize_embedding_int8,
+                            quantize_embedding_int8, split_constant_bmm,
                             prepack_linear_weights, rewrite_kv_cache, fuse_linear_epilogues,
                             prepack_convolutions, fuse_conv_epilogues})
 
 # Passes that run only when the `quantize` option names their mode.
-QUANTIZE_PASSES = {"int8": (quantize_linear_int8, quantize_embedding_int8),
-                   "int8-weight-only": (quantize_linear_int8_weight_only, quantize_embedding_int8),
-                   "int4-weight-only": (quantize_linear_int4_weight_only, quantize_embedding_int8),
+QUANTIZE_PASSES = {"int8": (split_constant_bmm, quantize_linear_int8, quantize_embedding_int8),
+                   "int8-weight-only": (split_constant_bmm, quantize_linear_int8_weight_only,
+                                        quantize_embedding_int8),
+                   "int4-weight-only": (split_constant_bmm, quantize_linear_int4_weight_only,
+                                        quantize_embedding_int8),
                    "bf16": (store_linear_weights_bf16,),
                    "fp16": (store_linear_weights_fp16,),
                    "int8-static": (quantize_conv_int8_static,)}

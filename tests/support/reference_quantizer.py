@@ -19,7 +19,7 @@ class Int8DynamicLinear(nn.Module):
     per-row (token) symmetric int8 activations scaled at run time, an exact integer product
     (float64 holds these sums exactly), then both scales and the bias. Given the input's
     per-channel max |x| (`x_absmax`), SmoothQuant first: x / s and W * s with
-    s = sqrt(max|x_k| / max|W_k|) per input channel k."""
+    s = sqrt(max|x_k| / max|W_k|) per input channel k, at least 1."""
 
     def __init__(self, linear: nn.Linear, x_absmax: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -27,7 +27,7 @@ class Int8DynamicLinear(nn.Module):
         self.smooth = None
         if x_absmax is not None:
             self.smooth = (x_absmax.clamp_min(1e-5).sqrt()
-                           / w.abs().amax(dim=0).clamp_min(1e-5).sqrt()).clamp(1e-4, 1e4)
+                           / w.abs().amax(dim=0).clamp_min(1e-5).sqrt()).clamp(1.0, 1e4)
             w = w * self.smooth
         self.w_scale = (w.abs().amax(dim=1) / INT8_MAX).clamp_min(MIN_SCALE)
         self.wq = torch.round(w / self.w_scale[:, None]).clamp(-INT8_MAX, INT8_MAX)
