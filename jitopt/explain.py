@@ -66,8 +66,9 @@ def _graph_lines(g: GraphReport) -> list[str]:
                         if "output_sqnr_db" in q else "")
             calibrated = (f", input range [{q['input_range'][0]:.4g}, {q['input_range'][1]:.4g}]"
                           if "input_range" in q else "")
-            lines.append(f"    quantized {q['layer']} {q['shape']} to {q['mode']}: weight SQNR "
-                         f"{q['weight_sqnr_db']:.1f} dB{measured}{calibrated}")
+            kernel = f" (on {q['kernel']}, fastest at this shape)" if "kernel" in q else ""
+            lines.append(f"    quantized {q['layer']} {q['shape']} to {q['mode']}{kernel}: weight "
+                         f"SQNR {q['weight_sqnr_db']:.1f} dB{measured}{calibrated}")
         error = a.quantization_error
         if error and error.get("outputs"):
             lines.append(f"    quantized graph against fp32 on the example inputs: cosine "

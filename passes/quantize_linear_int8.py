@@ -27,9 +27,10 @@ def quantize_linear_int8(gm: fx.GraphModule) -> int:
     in int32 (`torch._int_mm`, about 3.5x fp32's throughput here). Not exact: the error is
     the rounding of x and W to 255 levels, which jitopt reports per layer as the weight's
     SQNR (`quantized_layers` in explain). The scaling and rounding around the product are
-    pointwise and row reductions, so they fuse into generated kernels. The int8 weight is
-    stored in whichever memory order _int_mm measured faster at the example's shape (on CUDA
-    column-major, cuBLASLt's int8 layout). Layers
+    pointwise and row reductions, so they fuse into generated kernels. The product runs on
+    whichever kernel measured fastest at the example's shape (`fastest_int8_kernel`): _int_mm
+    with the int8 weight in either memory order, or oneDNN's u8 x s8 linear over a packed
+    weight (on CUDA, _int_mm with a column-major weight, cuBLASLt's int8 layout). Layers
     named in gm.meta["quantize_keep"] (an accuracy budget's verdict) stay fp32.
     Where gm.meta["activation_absmax"] gives a layer's per-input-channel max |x| (measured
     on the example inputs), x / s and W * s replace x and W (SmoothQuant, `smoothing_scales`):
@@ -45,19 +46,24 @@ def quantize_linear_int8(gm: fx.GraphModule) -> int:
             with gm.graph.inserting_before(node):
                 x = _scaled(gm, x, 1.0 / smooth, node)
         wq, w_scale = quantize_per_channel(weight)  # [N, K] int8, [N]
-        layout = ("NK" if wq.device.type == "cuda" else
-                  faster_weight_layout(tensor_meta(x).shape[0], *wq.shape))
-        wq_kn = wq.t() if layout == "NK" else wq.t().contiguous()  # [K, N], either memory order
-        wq_node = add_constant(gm, wq_kn, node.name + "_int8", node)
+        rows = tensor_meta(x).shape[0]
+        kernel = "int_mm NK" if wq.device.type == "cuda" else fastest_int8_kernel(rows, *wq.shape)
         scale_node = add_constant(gm, w_scale, node.name + "_int8_scale", node)
-        with gm.graph.inserting_before(node):
-            out = _int8_linear(gm.graph, x, wq_node, scale_node, bias_node, out_dtype)
+        if kernel == ONEDNN:
+            packed = add_constant(gm, torch.ops.onednn.qlinear_prepack(wq, [rows, wq.shape[1]]),
+                                  node.name + "_int8_packed", node)
+            out = _onednn_int8_linear(gm, node, x, packed, scale_node, bias_node)
+        else:
+            wq_kn = wq.t() if kernel == "int_mm NK" else wq.t().contiguous()  # [K, N]
+            wq_node = add_constant(gm, wq_kn, node.name + "_int8", node)
+            with gm.graph.inserting_before(node):
+                out = _int8_linear(gm.graph, x, wq_node, scale_node, bias_node, out_dtype)
         out.meta["val"] = node.meta["val"]
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
         record_layer(gm, node, weight, "int8",
                      weight_sqnr_db=round(weight_sqnr_db(weight, wq, w_scale), 2),
-                     weight_layout=layout,
+                     kernel=kernel,
                      smoothing=f"SmoothQuant alpha={SMOOTHING_ALPHA}" if smooth is not None
                      else None)
         rewrites += 1
@@ -90,24 +96,38 @@ def _scaled(gm: fx.GraphModule, x: fx.Node, inverse: torch.Tensor, before: fx.No
     return scaled
 
 
-# (rows, K, N) -> "NK" or "KN": which memory order of the int8 weight _int_mm multiplies
-# faster at that shape, measured once per process (225 against 452 us either way round).
-_LAYOUTS: dict[tuple[int, int, int], str] = {}
+ONEDNN = "onednn"
+# (rows, K, N) -> the int8 product measured fastest at that shape, once per process:
+# "int_mm NK" / "int_mm KN" (torch._int_mm, the [K, N] weight column- or row-major: 225
+# against 452 us either way round) or ONEDNN (onednn.qlinear_pointwise, u8 x s8: 160 us
+# against _int_mm's 204-242 at the benchmark MLP's 32 x 1024 x 4096, slower at 8 rows).
+_KERNELS: dict[tuple[int, int, int], str] = {}
 
 
-def faster_weight_layout(rows: object, n: int, k: int) -> str:
-    """"NK" (rows of the [N, K] weight contiguous) or "KN", timed on random data of the
-    example's shape; "NK" when the row count is symbolic."""
+def fastest_int8_kernel(rows: object, n: int, k: int) -> str:
+    """The fastest int8 x int8 product of [rows, K] by [K, N] here, timed on random data;
+    "int_mm NK" when the row count is symbolic."""
     if not isinstance(rows, int):
-        return "NK"
+        return "int_mm NK"
     key = (rows, k, n)
-    if key not in _LAYOUTS:
+    if key not in _KERNELS:
         x = torch.randint(-127, 128, (rows, k), dtype=torch.int8)
         w_nk = torch.randint(-127, 128, (n, k), dtype=torch.int8)
-        candidates = {"NK": w_nk.t(), "KN": w_nk.t().contiguous()}
-        _LAYOUTS[key] = min(candidates,
-                            key=lambda name: seconds(lambda: torch._int_mm(x, candidates[name])))
-    return _LAYOUTS[key]
+        candidates = {"int_mm NK": lambda w=w_nk.t(): torch._int_mm(x, w),
+                      "int_mm KN": lambda w=w_nk.t().contiguous(): torch._int_mm(x, w)}
+        if QLINEAR is not None and torch.backends.mkldnn.is_available():
+            candidates[ONEDNN] = _onednn_int8_product(x, w_nk)
+        _KERNELS[key] = min(candidates, key=lambda name: seconds(candidates[name]))
+    return _KERNELS[key]
+
+
+def _onednn_int8_product(x: torch.Tensor, w_nk: torch.Tensor):
+    """A call of the oneDNN product _onednn_int8_linear emits, on random data."""
+    xu = (x.to(torch.int16) + UINT8_ZERO_POINT).to(torch.uint8)
+    packed = torch.ops.onednn.qlinear_prepack(w_nk, list(x.shape))
+    w_scale, w_zero_points = torch.ones(len(w_nk)), torch.zeros(len(w_nk), dtype=torch.int64)
+    return lambda: QLINEAR(xu, 1.0, UINT8_ZERO_POINT, packed, w_scale, w_zero_points, None,
+                           1.0, 0, torch.float32, "none", [], "")
 
 
 def seconds(fn, repeats: int = 3) -> float:
@@ -139,6 +159,52 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     return float(10 * torch.log10(reference.pow(2).sum() / noise))
 
 
+# oneDNN's fast int8 linear takes unsigned activations: x's int8 codes shifted by 128, with
+# that zero point (oneDNN subtracts 128 x the weight's column sums, exactly, in int32).
+UINT8_ZERO_POINT = 128
+QLINEAR = getattr(getattr(torch.ops.onednn, "qlinear_pointwise", None), "default", None)
+
+
+def _onednn_int8_linear(gm: fx.GraphModule, node: fx.Node, x: fx.Node, packed: fx.Node,
+                        w_scale: fx.Node, bias: fx.Node | None) -> fx.Node:
+    """y = qlinear(round(x / sx) + 128 as uint8, packed wq) * sx (+ b), where oneDNN applies
+    the weight's per-channel scales sw (x's scale there is 1: its per-row scales sx come
+    after) and returns float32 (a float32 x on CPU only)."""
+    n = w_scale.meta["val"].shape[0]
+    w_zero_points = add_constant(gm, torch.zeros(n, dtype=torch.int64),
+                                 node.name + "_int8_zero_points", node)
+    graph = gm.graph
+    with graph.inserting_before(node):
+        quantize, x_scale, codes = _quantize_rows(graph, x)
+        shifted = graph.call_function(aten.add.Tensor, (codes, float(UINT8_ZERO_POINT)))
+        xu = graph.call_function(aten._to_copy.default, (shifted,), {"dtype": torch.uint8})
+        product = graph.call_function(QLINEAR, (
+            xu, 1.0, UINT8_ZERO_POINT, packed, w_scale, w_zero_points, None, 1.0, 0,
+            torch.float32, "none", [], ""))
+        steps = [graph.call_function(aten.mul.Tensor, (product, x_scale))]
+        if bias is not None:
+            steps.append(graph.call_function(aten.add.Tensor, (steps[0], bias)))
+    fake_mode = tensor_meta(x).fake_mode
+    set_meta(quantize + [shifted, xu], fake_mode)
+    # The packed weight has no fake counterpart to run the op's meta function on.
+    product.meta["val"] = node.meta["val"]
+    set_meta(steps, fake_mode)
+    return steps[-1]
+
+
+def _quantize_rows(graph: fx.Graph, x: fx.Node) -> tuple[list[fx.Node], fx.Node, fx.Node]:
+    """round(x / sx) clamped to +-127 (still float), sx = amax|x row| / 127: (the new nodes
+    in order, sx [M, 1], the codes)."""
+    steps = [graph.call_function(aten.abs.default, (x,))]
+    steps.append(graph.call_function(aten.amax.default, (steps[-1], [-1], True)))  # [M, 1]
+    steps.append(graph.call_function(aten.clamp_min.default, (steps[-1], MIN_SCALE)))
+    x_scale = graph.call_function(aten.div.Tensor, (steps[-1], INT8_MAX))
+    steps += [x_scale, graph.call_function(aten.div.Tensor, (x, x_scale))]
+    steps.append(graph.call_function(aten.round.default, (steps[-1],)))
+    steps.append(graph.call_function(aten.clamp.default, (steps[-1], -INT8_MAX, INT8_MAX)))
+    return steps, x_scale, steps[-1]
+
+
 def _int8_linear(graph: fx.Graph, x: fx.Node, wq: fx.Node, w_scale: fx.Node,
                  bias: fx.Node | None, out_dtype: torch.dtype) -> fx.Node:
     """y = _int_mm(round(x / sx), wq) * sx * sw (+ b), sx per row of x; wq is [K, N]. A
@@ -153,12 +219,9 @@ def _int8_linear(graph: fx.Graph, x: fx.Node, wq: fx.Node, w_scale: fx.Node,
 
     if fake.dtype != torch.float32:
         x = call(aten._to_copy.default, x, dtype=torch.float32)
-
-    amax = call(aten.amax.default, call(aten.abs.default, x), [-1], True)  # [M, 1]
-    x_scale = call(aten.div.Tensor, call(aten.clamp_min.default, amax, MIN_SCALE), INT8_MAX)
-    rounded = call(aten.round.default, call(aten.div.Tensor, x, x_scale))
-    clamped = call(aten.clamp.default, rounded, -INT8_MAX, INT8_MAX)
-    xq = call(aten._to_copy.default, clamped, dtype=torch.int8)
+    quantize, x_scale, codes = _quantize_rows(graph, x)
+    steps += quantize
+    xq = call(aten._to_copy.default, codes, dtype=torch.int8)
     acc = call(aten._int_mm.default, xq, wq)  # [M, N] int32
     as_float = call(aten._to_copy.default, acc, dtype=torch.float32)
     out = call(aten.mul.Tensor, call(aten.mul.Tensor, as_float, x_scale), w_scale)

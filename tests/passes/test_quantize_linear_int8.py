@@ -106,10 +106,10 @@ def test_an_unknown_mode_is_a_clear_error():
         jitopt.Config.from_options({"quantize": "int9"})
 
 
-@pytest.mark.parametrize("layout", ["NK", "KN"])
-def test_either_weight_layout_gives_the_same_answer(layout, monkeypatch):
+@pytest.mark.parametrize("kernel", ["int_mm NK", "int_mm KN", "onednn"])
+def test_every_int8_kernel_gives_the_same_answer(kernel, monkeypatch):
     module = importlib.import_module("jitopt.passes.quantize_linear_int8")
-    monkeypatch.setattr(module, "faster_weight_layout", lambda rows, n, k: layout)
+    monkeypatch.setattr(module, "fastest_int8_kernel", lambda rows, n, k: kernel)
     model, x = _mlp(), torch.randn(16, 64)
     got = _compile_int8(model, x)
     with torch.no_grad():
@@ -117,4 +117,12 @@ def test_either_weight_layout_gives_the_same_answer(layout, monkeypatch):
                                    rtol=1e-4)
     with torch.no_grad():
         report = jitopt.explain(model, x, quantize="int8")
-    assert {q["weight_layout"] for q in report.graphs[0].aten[0].quantized_layers} == {layout}
+    assert {q["kernel"] for q in report.graphs[0].aten[0].quantized_layers} == {kernel}
+
+
+def test_the_kernel_is_chosen_by_timing_once_per_shape():
+    module = importlib.import_module("jitopt.passes.quantize_linear_int8")
+    choice = module.fastest_int8_kernel(8, 48, 64)
+    assert choice in ("int_mm NK", "int_mm KN", "onednn")
+    assert module.fastest_int8_kernel(8, 48, 64) == choice  # cached: no second timing
+    assert module.fastest_int8_kernel("symbolic rows", 48, 64) == "int_mm NK"

@@ -27,12 +27,13 @@ def test_one_result_per_weight_version_and_params():
 
 
 def test_entries_go_with_their_weight():
-    weight = torch.randn(8, 4)
+    weight, others = torch.randn(8, 4), set(weight_memo._MEMO)
     per_weight("test", weight, lambda: 1)
-    before = len(weight_memo._MEMO)
+    mine = set(weight_memo._MEMO) - others
+    assert len(mine) == 1
     del weight
-    gc.collect()
-    assert len(weight_memo._MEMO) == before - 1
+    gc.collect()  # (may free other tests' weights too: only this one's entry is checked)
+    assert mine.isdisjoint(weight_memo._MEMO)
 
 
 def test_graphs_over_the_same_weights_prepare_each_weight_once(monkeypatch):
