@@ -20,6 +20,7 @@ from jitopt.passes.remove_noops import remove_noops
 from jitopt.passes.rewrite_attention import rewrite_attention
 from jitopt.passes.rewrite_gelu_tanh import rewrite_gelu_tanh
 from jitopt.passes.rewrite_kv_cache import rewrite_kv_cache
+from jitopt.passes.sink_views_through_pointwise import sink_views_through_pointwise
 from jitopt.passes.split_constant_bmm import split_constant_bmm
 from jitopt.passes.store_linear_weights_half import (
     store_linear_weights_bf16, store_linear_weights_fp16)
@@ -64,6 +65,10 @@ PIPELINE = [
     # kv_cache=True only: a cache concatenated with a step's keys or values and returned
     # becomes an append into a buffer with spare capacity.
     rewrite_kv_cache,
+    # Reshapes between a matmul and the next move past the elementwise ops there, so the
+    # epilogue, activation and next input steps that no library call took share one shape,
+    # and one kernel (after the rewrites above, whose patterns include those reshapes).
+    sink_views_through_pointwise,
     # After the rewrites: they can expose duplicate ops on the same inputs.
     eliminate_common_subexpressions,
     # Last: sweeps what the rewrites left unused, and frees the constants they replaced.
@@ -80,6 +85,7 @@ INFERENCE_ONLY = frozenset({remove_noops, fold_constants, fold_conv_bn, fold_lin
                             quantize_linear_int4_weight_only, store_linear_weights_bf16,
                             store_linear_weights_fp16, quantize_conv_int8_static,
                             quantize_embedding_int8, split_constant_bmm,
+                            sink_views_through_pointwise,
                             prepack_linear_weights, rewrite_kv_cache, fuse_linear_epilogues,
                             prepack_convolutions, fuse_conv_epilogues})
 
