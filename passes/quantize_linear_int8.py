@@ -117,14 +117,29 @@ def fastest_int8_kernel(rows: object, n: int, k: int) -> str:
                       "int_mm KN": lambda w=w_nk.t().contiguous(): torch._int_mm(x, w)}
         if QLINEAR is not None and torch.backends.mkldnn.is_available():
             candidates[ONEDNN] = _onednn_int8_product(x, w_nk)
-        _KERNELS[key] = min(candidates, key=lambda name: seconds(candidates[name]))
+        _KERNELS[key] = min(candidates, key=lambda name: _seconds_or_inf(candidates[name]))
     return _KERNELS[key]
+
+
+def _unsupported() -> None:
+    raise RuntimeError("oneDNN cannot pack this weight")
+
+
+def _seconds_or_inf(fn) -> float:
+    """A candidate that fails at this shape (a library's unsupported case) is never chosen."""
+    try:
+        return seconds(fn)
+    except RuntimeError:
+        return float("inf")
 
 
 def _onednn_int8_product(x: torch.Tensor, w_nk: torch.Tensor):
     """A call of the oneDNN product _onednn_int8_linear emits, on random data."""
     xu = (x.to(torch.int16) + UINT8_ZERO_POINT).to(torch.uint8)
-    packed = torch.ops.onednn.qlinear_prepack(w_nk, list(x.shape))
+    try:
+        packed = torch.ops.onednn.qlinear_prepack(w_nk, list(x.shape))
+    except RuntimeError:
+        return _unsupported
     w_scale, w_zero_points = torch.ones(len(w_nk)), torch.zeros(len(w_nk), dtype=torch.int64)
     return lambda: QLINEAR(xu, 1.0, UINT8_ZERO_POINT, packed, w_scale, w_zero_points, None,
                            1.0, 0, torch.float32, "none", [], "")

@@ -126,3 +126,10 @@ def test_the_kernel_is_chosen_by_timing_once_per_shape():
     assert choice in ("int_mm NK", "int_mm KN", "onednn")
     assert module.fastest_int8_kernel(8, 48, 64) == choice  # cached: no second timing
     assert module.fastest_int8_kernel("symbolic rows", 48, 64) == "int_mm NK"
+
+
+def test_a_kernel_that_fails_at_the_shape_is_not_chosen(monkeypatch):
+    module = importlib.import_module("jitopt.passes.quantize_linear_int8")
+    monkeypatch.setattr(module, "_KERNELS", {})
+    monkeypatch.setattr(module, "_onednn_int8_product", lambda x, w: module._unsupported)
+    assert module.fastest_int8_kernel(8, 48, 64).startswith("int_mm")
