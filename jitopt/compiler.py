@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import functools
 import gc
 import time
 import warnings
@@ -158,6 +160,7 @@ class _FrozenVariants:
             self.report.quantization_error = quantization_report.measure(
                 reference, compiled, examples, self.report.quantized_layers,
                 _layer_quantizer(self.config, gm.meta.get("activation_absmax")))
+        _return_freed_memory()
         return compiled
 
     def _cuda_graph_inputs(self, frozen: list[FrozenInput], gm: fx.GraphModule,
@@ -255,6 +258,24 @@ def _freezable(tensor: torch.Tensor, node: fx.Node) -> bool:
     return (type(tensor) in (torch.Tensor, torch.nn.Parameter) and not tensor.is_inference()
             and not is_mutated(node) and isinstance(val, torch.Tensor)
             and tensor.shape == val.shape and tensor.dtype == val.dtype)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    libc = ctypes.CDLL(None)
+    return getattr(libc, "malloc_trim", None)
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap memory a compile freed back to the OS (glibc's malloc_trim; elsewhere
+    nothing). Why: rounding, packing and measuring weights frees weight-sized temporaries,
+    and glibc keeps freed heap pages resident (its mmap threshold rises to the largest block
+    freed, up to 32 MB, so later weight-sized blocks come from the heap). BERT-base's
+    int8-weight-only compile left 1163 MB resident above eager, 140 MB after this (89 ms;
+    0.3 ms when little was freed)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _lower(gm: fx.GraphModule, kind: str, config: Config, report: AtenGraphReport,

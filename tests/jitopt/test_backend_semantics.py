@@ -117,3 +117,17 @@ def test_integer_and_bool_tensors():
     i, m = torch.arange(6).reshape(2, 3), torch.tensor([[True, False, True]] * 2)
     with torch.no_grad():
         assert_same(compiled(fn)(i, m), fn(i, m))
+
+
+def test_a_compile_hands_the_memory_it_freed_back(monkeypatch):
+    """Rounding and packing weights frees weight-sized temporaries that glibc would keep
+    resident (BERT's int8-weight-only compile: 1163 MB above eager, 140 MB after a trim)."""
+    from jitopt import compiler
+
+    calls = []
+    monkeypatch.setattr(compiler, "_malloc_trim", lambda: calls.append)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16)).eval()
+    with torch.no_grad():
+        torch.compile(model, backend="jitopt",
+                      options={"quantize": "int8-weight-only"})(torch.randn(2, 16))
+    assert calls == [0]
