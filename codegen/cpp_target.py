@@ -204,10 +204,10 @@ def render_launcher(name: str, kernel: Kernel, signature: KernelSignature,
     outs = [f"out{k}" for k in range(len(signature.outputs))]
     params += [f"{o}=None" for o in outs]
     lines = [f"def {name}({', '.join(params)}):"]
+    for symbol, i, dim in signature.size_sources:  # (symbolic strides are checked in these)
+        lines.append(f"    {symbol.name} = {tensor_args[i]}.shape[{dim}]")
     for arg, (shape, strides, _) in zip(tensor_args, signature.inputs):
         lines += layout_check(arg, shape, strides)
-    for symbol, i, dim in signature.size_sources:
-        lines.append(f"    {symbol.name} = {tensor_args[i]}.shape[{dim}]")
     for k, (shape, strides, dtype) in enumerate(signature.outputs):
         # out{k} given: the memory plan hands over a dead buffer of exactly this layout.
         alloc = f"empty_strided({size_tuple(shape)}, {size_tuple(strides)}, dtype={dtype})"

@@ -108,19 +108,20 @@ def returns_single(gm: fx.GraphModule) -> bool:
 
 def layout_check(arg: str, shape: Sequence[Size], strides: Sequence[Size]) -> list[str]:
     """Launcher lines: kernels index inputs with the strides they were compiled for, so check
-    them, and copy into that layout when they differ."""
-    if all(isinstance(s, int) for s in strides):
-        dims = [d for d, size in enumerate(shape) if size != 1]  # a size-1 dim's stride is free
-        if not dims:
-            return []
-        got = (f"{arg}.stride()" if len(dims) == len(shape) else
-               "(" + "".join(f"{arg}.stride({d}), " for d in dims) + ")")
-        want = size_tuple([strides[d] for d in dims])
-        return [f"    if {got} != {want}:",
-                f"        {arg} = relayout({arg}, {size_tuple(strides)})"]
-    if _contiguous(shape, strides):
+    them, and copy into that layout when they differ. Symbolic strides (a slice of a [1, s, 3C]
+    projection: (3C s, 3C, 1)) are expressions over the launcher's size variables, so the
+    launcher assigns those first."""
+    static = all(isinstance(s, int) for s in strides)
+    if not static and _contiguous(shape, strides):
         return [f"    if not {arg}.is_contiguous():", f"        {arg} = {arg}.contiguous()"]
-    raise NotImplementedError("a non-contiguous input with symbolic strides")
+    dims = [d for d, size in enumerate(shape) if size != 1]  # a size-1 dim's stride is free
+    if not dims:
+        return []
+    got = (f"{arg}.stride()" if len(dims) == len(shape) else
+           "(" + "".join(f"{arg}.stride({d}), " for d in dims) + ")")
+    want = size_tuple([strides[d] for d in dims])
+    return [f"    if {got} != {want}:",
+            f"        {arg} = relayout({arg}, {size_tuple(strides)})"]
 
 
 def _contiguous(shape: Sequence[Size], strides: Sequence[Size]) -> bool:

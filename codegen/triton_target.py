@@ -287,10 +287,10 @@ def render_launcher(name: str, kernel: Kernel, signature: lowering.KernelSignatu
     device and launches the kernel over the rows or points."""
     params, tensor_args = tensor_params(gm)
     lines = [f"def {name}({', '.join(params)}):"]
+    for symbol, i, dim in signature.size_sources:  # (symbolic strides are checked in these)
+        lines.append(f"    {symbol.name} = {tensor_args[i]}.shape[{dim}]")
     for arg, (shape, strides, _) in zip(tensor_args, signature.inputs):
         lines += layout_check(arg, shape, strides)
-    for symbol, i, dim in signature.size_sources:
-        lines.append(f"    {symbol.name} = {tensor_args[i]}.shape[{dim}]")
     outs = []
     for k, (shape, strides, dtype) in enumerate(signature.outputs):
         outs.append(f"out{k}")

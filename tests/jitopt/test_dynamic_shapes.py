@@ -61,3 +61,20 @@ def test_dynamic_training_step():
         fast(x).square().mean().backward()
         for p, g in zip(model.parameters(), expected):
             assert_same(p.grad, g, atol=1e-5)
+
+
+def test_a_slice_with_symbolic_strides_runs_in_a_generated_kernel():
+    """Regression: a kernel input sliced from a [1, s, 3C] projection (GPT-2's q, k, v) has
+    symbolic, non-contiguous strides (3C s, 3C, 1); the launcher could not check them, every
+    such group fell back to ATen, and a generation compiled after another backend (so
+    dynamic from its first graph) reported a fallback."""
+    def fn(qkv):
+        q, k, v = qkv.split(8, dim=-1)
+        return torch.relu(q) * k + v
+
+    compiled = torch.compile(fn, backend="jitopt", dynamic=True)
+    for length in (5, 9):
+        x = torch.randn(1, length, 24)
+        assert_same(compiled(x), fn(x))
+    assert jitopt.counters["fallbacks"]["partition"] == 0
+    assert jitopt.counters["targets"]["cpp_partitions"] >= 1
