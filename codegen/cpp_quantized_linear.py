@@ -53,7 +53,7 @@ def quantized_linear_spec(node: fx.Node) -> QuantizedLinearSpec:
     group_size, params = 0, []
     if node.target is LINEAR_INT8_WEIGHT:
         x, weight, scale, bias = (list(node.args) + [None])[:4]
-        n, params = _val(scale).shape[0], [scale]
+        n, params = operand_value(scale).shape[0], [scale]
     elif node.target is LINEAR_INT4_WEIGHT:
         x, weight, scale, offset, n, group_size, bias = (list(node.args) + [None])[:7]
         params = [scale, offset]
@@ -61,7 +61,8 @@ def quantized_linear_spec(node: fx.Node) -> QuantizedLinearSpec:
         x, weight, n, bias = (list(node.args) + [None])[:4]
     else:
         raise Declined(f"not a quantized-weight linear: {node.target}")
-    xv, wv = _val(x), _val(weight)  # (the constants' meta may sit on the meta device)
+    # (the constants' meta may sit on the meta device)
+    xv, wv = operand_value(x), operand_value(weight)
     if xv.device.type != "cpu":
         raise Declined("quantized-weight linear kernel: CPU tensors only")
     if xv.dtype != torch.float32 or xv.dim() != 2 or not isinstance(xv.shape[1], int):
@@ -73,12 +74,13 @@ def quantized_linear_spec(node: fx.Node) -> QuantizedLinearSpec:
     if tuple(wv.shape) != (blocks, k, row_bytes // wv.element_size()) or wv.dtype != dtype:
         raise Declined(f"quantized-weight linear kernel: weight {tuple(wv.shape)} "
                        f"{wv.dtype} is not packed for {n} output channels")
-    if any(_val(p).dtype != torch.float32 for p in params):
+    if any(operand_value(p).dtype != torch.float32 for p in params):
         raise Declined("quantized-weight linear kernel: float32 scales only")
     return QuantizedLinearSpec(k, int(n), bias is not None, fmt, int(group_size))
 
 
-def _val(node: object) -> torch.Tensor:
+def operand_value(node: object) -> torch.Tensor:
+    """The traced value of a quantized linear's tensor operand, or Declined."""
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     if not isinstance(val, torch.Tensor):
         raise Declined(f"quantized-weight linear operand {node} is not a tensor")

@@ -13,9 +13,10 @@ rows and sizes in multiples of 8: the int8 x int8 kernel takes the products it r
 (decoding's few rows), so the int8 mode runs at every batch size.
 
 Each kernel is a fixed template with the layer's sizes compiled in; triton.autotune picks the
-tile per distinct row count. Only tl builtins (tl.full, not tl.zeros): the interpreter cannot
-run triton.language's own @jit helpers when triton was imported before it was switched on. Under TRITON_INTERPRET=1 they run on CPU tensors, which is how
-the tests check them against the ops' ATen references.
+tile per distinct row count. Under TRITON_INTERPRET=1 they run on CPU tensors, which is how
+the tests check them against the ops' ATen references. Only tl builtins (tl.full, not
+tl.zeros): the interpreter cannot run triton.language's own @jit helpers when triton was
+imported before it was switched on.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 import torch.fx as fx
 
 import jitopt.ops  # noqa: F401  (registers torch.ops.jitopt)
+from jitopt.codegen.cpp_quantized_linear import operand_value
 from jitopt.errors import Declined
 from jitopt.ops import WEIGHT_BLOCK
 
@@ -66,7 +68,8 @@ def triton_linear_spec(node: fx.Node) -> TritonLinearSpec:
         return _int_mm_spec(node)
     if node.target is LINEAR_INT8_WEIGHT:
         x, weight, scale, bias = (list(node.args) + [None])[:4]
-        kind, n, group_size, width, dtype = "int8", _val(scale).shape[0], 0, 64, torch.int8
+        kind, group_size, width, dtype = "int8", 0, 64, torch.int8
+        n = operand_value(scale).shape[0]
     elif node.target is LINEAR_INT4_WEIGHT:
         x, weight, _, _, n, group_size, bias = (list(node.args) + [None])[:7]
         kind, width, dtype = "int4", 32, torch.uint8
@@ -74,7 +77,7 @@ def triton_linear_spec(node: fx.Node) -> TritonLinearSpec:
             raise Declined(f"int4 Triton kernel: group size {group_size} is not a multiple of 16")
     else:
         raise Declined(f"not a quantized linear: {node.target}")
-    xv, wv = _val(x), _val(weight)
+    xv, wv = operand_value(x), operand_value(weight)
     if xv.dim() != 2 or xv.dtype not in FLOATS or not isinstance(xv.shape[1], int):
         raise Declined("quantized-weight Triton kernel: a float [M, K] x with static K")
     k, blocks = int(xv.shape[1]), -(-int(n) // WEIGHT_BLOCK)
@@ -85,20 +88,13 @@ def triton_linear_spec(node: fx.Node) -> TritonLinearSpec:
 
 
 def _int_mm_spec(node: fx.Node) -> TritonLinearSpec:
-    a, b = (_val(arg) for arg in node.args)
+    a, b = (operand_value(arg) for arg in node.args)
     if not all(isinstance(s, int) for s in (a.shape[1], b.shape[1])):
         raise Declined("int8 Triton kernel: static K and N only")
     m, k, n = a.shape[0], int(a.shape[1]), int(b.shape[1])
     if a.device.type == "cuda" and isinstance(m, int) and m > 16 and k % 8 == 0 == n % 8:
         raise Declined("int8 x int8 with more than 16 rows: cuBLASLt runs it")
     return TritonLinearSpec("int8xint8", k, n, torch.int8)
-
-
-def _val(node: object) -> torch.Tensor:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if not isinstance(val, torch.Tensor):
-        raise Declined(f"quantized linear operand {node} is not a tensor")
-    return val
 
 
 def triton_linear_node(gm: fx.GraphModule) -> fx.Node | None:

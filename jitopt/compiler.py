@@ -262,8 +262,10 @@ def _freezable(tensor: torch.Tensor, node: fx.Node) -> bool:
 
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    libc = ctypes.CDLL(None)
-    return getattr(libc, "malloc_trim", None)
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, TypeError):  # no C library to open by that name (Windows)
+        return None
 
 
 def _return_freed_memory() -> None:
