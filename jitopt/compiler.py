@@ -280,9 +280,29 @@ def _return_freed_memory() -> None:
         trim(0)
 
 
+MATMULS = (torch.ops.aten.addmm.default, torch.ops.aten.mm.default, torch.ops.aten.bmm.default)
+# What each linear quantize mode rewrites, for the warning when it rewrote nothing.
+_LINEAR_MODES = "linears over frozen weights (float32 on CPU; any float dtype on CUDA)"
+QUANTIZE_SCOPE = {"int8": _LINEAR_MODES, "int8-weight-only": _LINEAR_MODES,
+                  "int4-weight-only": _LINEAR_MODES,
+                  "bf16": "linears over frozen float32 weights on CPU",
+                  "fp16": "linears over frozen float32 weights on CPU"}
+
+
+def _over_frozen_weight(node: fx.Node) -> bool:
+    """A matmul whose second operand is a frozen weight, or a view of one (before folding)."""
+    if node.target not in MATMULS or not isinstance(node.args[-1], fx.Node):
+        return False
+    weight = node.args[-1]
+    if weight.op == "call_function" and weight.args and isinstance(weight.args[0], fx.Node):
+        weight = weight.args[0]  # t(w), a permute or view of it
+    return weight.op == "get_attr"
+
+
 def _lower(gm: fx.GraphModule, kind: str, config: Config, report: AtenGraphReport,
            dump: DumpDir):
     report.ops_captured = _count_ops(gm)
+    layers = sum(map(_over_frozen_weight, gm.graph.nodes))
     dump.write("captured.py", lazy=lambda: gm.print_readable(print_output=False))
     passes = [p for p in PIPELINE if p.__name__ not in config.disabled_passes
               and (kind == "inference" or p not in INFERENCE_ONLY)
@@ -292,6 +312,12 @@ def _lower(gm: fx.GraphModule, kind: str, config: Config, report: AtenGraphRepor
         records = run_passes(gm, passes, verify_each=config.verify == "each",
                              dump=lambda name, text: dump.write(name, lazy=text))
     report.quantized_layers = gm.meta.get("quantized_layers", [])
+    if config.quantize in QUANTIZE_SCOPE and kind == "inference" and layers and \
+            not report.quantized_layers:
+        warnings.warn(f"jitopt: quantize={config.quantize!r} changed none of this graph's "
+                      f"{layers} matmul{'s' * (layers != 1)} over frozen weights (it takes "
+                      f"{QUANTIZE_SCOPE[config.quantize]}); they "
+                      "run in the graph's own precision", stacklevel=2)
     report.constant_bytes = _constant_bytes(gm)
     for r in records:
         counters["passes"][r.name] += r.changed

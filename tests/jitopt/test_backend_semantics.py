@@ -131,3 +131,24 @@ def test_a_compile_hands_the_memory_it_freed_back(monkeypatch):
         torch.compile(model, backend="jitopt",
                       options={"quantize": "int8-weight-only"})(torch.randn(2, 16))
     assert calls == [0]
+
+
+def test_a_quantize_mode_that_changes_nothing_says_so():
+    """bf16 takes linears over float32 weights on CPU: asked of a bfloat16 model, it changes
+    nothing, and the user hears it instead of getting the model's own precision silently."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval().to(torch.bfloat16)
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="quantize='bf16' changed none of this graph's 1 matmul over"):
+        with torch.no_grad():
+            got = torch.compile(model, backend="jitopt", options={"quantize": "bf16"})(x)
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x))
+
+
+def test_attention_alone_is_not_a_layer_to_quantize(recwarn):
+    def attention(q, k):
+        return torch.softmax(q @ k.transpose(-1, -2), -1)
+
+    q = torch.randn(2, 4, 8)
+    torch.compile(attention, backend="jitopt", options={"quantize": "int8"})(q, q)
+    assert not [w for w in recwarn if "changed none" in str(w.message)]
