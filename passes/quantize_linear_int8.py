@@ -115,14 +115,11 @@ def fastest_int8_kernel(rows: object, n: int, k: int) -> str:
         w_nk = torch.randint(-127, 128, (n, k), dtype=torch.int8)
         candidates = {"int_mm NK": lambda w=w_nk.t(): torch._int_mm(x, w),
                       "int_mm KN": lambda w=w_nk.t().contiguous(): torch._int_mm(x, w)}
-        if QLINEAR is not None and torch.backends.mkldnn.is_available():
-            candidates[ONEDNN] = _onednn_int8_product(x, w_nk)
+        onednn = _onednn_int8_product(x, w_nk)
+        if onednn is not None:
+            candidates[ONEDNN] = onednn
         _KERNELS[key] = min(candidates, key=lambda name: _seconds_or_inf(candidates[name]))
     return _KERNELS[key]
-
-
-def _unsupported() -> None:
-    raise RuntimeError("oneDNN cannot pack this weight")
 
 
 def _seconds_or_inf(fn) -> float:
@@ -134,12 +131,15 @@ def _seconds_or_inf(fn) -> float:
 
 
 def _onednn_int8_product(x: torch.Tensor, w_nk: torch.Tensor):
-    """A call of the oneDNN product _onednn_int8_linear emits, on random data."""
+    """A call of the oneDNN product _onednn_int8_linear emits, on random data; None where
+    this build has no oneDNN or it cannot pack the weight."""
+    if QLINEAR is None or not torch.backends.mkldnn.is_available():
+        return None
     xu = (x.to(torch.int16) + UINT8_ZERO_POINT).to(torch.uint8)
     try:
         packed = torch.ops.onednn.qlinear_prepack(w_nk, list(x.shape))
     except RuntimeError:
-        return _unsupported
+        return None
     w_scale, w_zero_points = torch.ones(len(w_nk)), torch.zeros(len(w_nk), dtype=torch.int64)
     return lambda: QLINEAR(xu, 1.0, UINT8_ZERO_POINT, packed, w_scale, w_zero_points, None,
                            1.0, 0, torch.float32, "none", [], "")

@@ -131,5 +131,8 @@ def test_the_kernel_is_chosen_by_timing_once_per_shape():
 def test_a_kernel_that_fails_at_the_shape_is_not_chosen(monkeypatch):
     module = importlib.import_module("jitopt.passes.quantize_linear_int8")
     monkeypatch.setattr(module, "_KERNELS", {})
-    monkeypatch.setattr(module, "_onednn_int8_product", lambda x, w: module._unsupported)
+    def failing():
+        raise RuntimeError("unsupported at this shape")
+
+    monkeypatch.setattr(module, "_onednn_int8_product", lambda x, w: failing)
     assert module.fastest_int8_kernel(8, 48, 64).startswith("int_mm")
