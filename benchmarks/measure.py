@@ -94,7 +94,7 @@ def machine_peaks(quick: bool) -> dict[str, float]:
     b8 = torch.randint(-128, 127, (n, n), dtype=torch.int8)
     t = time_calls(lambda: torch._int_mm(a8, b8), warmup=2, iterations=10, max_seconds=5).median_s
     peaks["int8_gops"] = 2 * n ** 3 / t / 1e9
-    peaks["fp32_onednn_gflops"] = _onednn_fp32_gflops(n)
+    peaks["fp32_onednn_gflops"] = onednn_fp32_gflops(n)
     src = torch.empty(2 ** (22 if quick else 26), dtype=torch.float32).fill_(1)  # 16 or 256 MB
     dst = torch.empty_like(src)
     t = time_calls(lambda: dst.copy_(src), warmup=2, iterations=10, max_seconds=5).median_s
@@ -102,7 +102,7 @@ def machine_peaks(quick: bool) -> dict[str, float]:
     return peaks
 
 
-def _onednn_fp32_gflops(n: int) -> float:
+def onednn_fp32_gflops(n: int) -> float:
     """fp32 matmul through oneDNN with a prepacked weight, as jitopt runs frozen linears: on
     AMD CPUs PyTorch's own `a @ b` goes to MKL, which runs at about 40% of this."""
     if not torch.backends.mkldnn.is_available():
