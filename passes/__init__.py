@@ -18,6 +18,7 @@ from jitopt.passes.quantize_linear_int4_weight_only import quantize_linear_int4_
 from jitopt.passes.quantize_linear_int8_weight_only import quantize_linear_int8_weight_only
 from jitopt.passes.remove_noops import remove_noops
 from jitopt.passes.rewrite_attention import rewrite_attention
+from jitopt.passes.rewrite_causal_mask import rewrite_causal_mask
 from jitopt.passes.rewrite_gelu_tanh import rewrite_gelu_tanh
 from jitopt.passes.rewrite_kv_cache import rewrite_kv_cache
 from jitopt.passes.sink_views_through_pointwise import sink_views_through_pointwise
@@ -62,6 +63,9 @@ PIPELINE = [
     # Attention written out by hand to the fused attention kernel (before fusion would claim
     # its softmax).
     rewrite_attention,
+    # Then a mask that is torch's causal one, built from sizes (GPT-2's and Llama's prefill),
+    # becomes the is_causal flag: the kernel skips the masked half instead of adding -inf.
+    rewrite_causal_mask,
     # kv_cache=True only: a cache concatenated with a step's keys or values and returned
     # becomes an append into a buffer with spare capacity.
     rewrite_kv_cache,
@@ -85,7 +89,7 @@ INFERENCE_ONLY = frozenset({remove_noops, fold_constants, fold_conv_bn, fold_lin
                             quantize_linear_int4_weight_only, store_linear_weights_bf16,
                             store_linear_weights_fp16, quantize_conv_int8_static,
                             quantize_embedding_int8, split_constant_bmm,
-                            sink_views_through_pointwise,
+                            sink_views_through_pointwise, rewrite_causal_mask,
                             prepack_linear_weights, rewrite_kv_cache, fuse_linear_epilogues,
                             prepack_convolutions, fuse_conv_epilogues})
 

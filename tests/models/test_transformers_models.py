@@ -87,6 +87,8 @@ def test_gpt2_forward_logits(attn):
     assert_model_outputs_same(actual, expected)
     assert actual.logits.shape == (2, 10, VOCAB)
     assert_compiled_something()
+    # No attention mask passed: the causal one is built from sizes, and becomes the flag.
+    assert jitopt.counters["passes"]["rewrite_causal_mask"] == model.config.n_layer
 
 
 @pytest.mark.parametrize("attn", ATTENTION)
