@@ -1,6 +1,6 @@
-"""The CPU target: each fusion group becomes a generated C++ kernel, and each attention call or
-quantized-weight linear one of our hand-written kernels (cpp_attention.py,
-cpp_quantized_linear.py); one library per graph."""
+"""The CPU target: each fusion group becomes a generated C++ kernel, and each attention call,
+quantized-weight linear or Winograd convolution one of our hand-written kernels
+(cpp_attention.py, cpp_quantized_linear.py, cpp_winograd.py); one library per graph."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ from jitopt.codegen.cpp_quantized_linear import (
     render_quantized_linear, render_quantized_linear_launcher)
 from jitopt.codegen.cpp_compiler import LibraryBuild
 from jitopt.codegen.cpp_kernel import render_kernel, render_source
+from jitopt.codegen.cpp_winograd import (
+    WINOGRAD_PRELUDE, render_winograd, render_winograd_launcher, winograd_groups, winograd_node,
+    winograd_output_layout, winograd_pointers, winograd_spec)
 from jitopt.codegen.fusion_target import (
     FusionTarget, layout_check, plan_kernels, returns_single, size_tuple, tensor_params)
 from jitopt.codegen.kernel_ir import Kernel
@@ -69,6 +72,7 @@ class HandWritten:
     pointers: Callable[[Any], int]
     sizes: int  # int64 arguments after the pointers
     output_layout: Callable[[Any], tuple | None]  # (shape, strides, dtype, device) if static
+    recycled: int = 0  # buffers the launcher keeps between calls (`recycled0`, ...)
 
 
 def _quantized_linear_pointers(spec) -> int:
@@ -85,6 +89,10 @@ HAND_WRITTEN = (
     HandWritten("cpp_quantized_linear", quantized_linear_groups, quantized_linear_node, quantized_linear_spec,
                 QUANTIZED_LINEAR_PRELUDE, render_quantized_linear, render_quantized_linear_launcher,
                 lambda spec: _quantized_linear_pointers(spec), 1, lambda spec: None),
+    HandWritten("cpp_winograd", winograd_groups, winograd_node, winograd_spec,
+                WINOGRAD_PRELUDE, render_winograd, render_winograd_launcher, winograd_pointers,
+                0, lambda spec: (*winograd_output_layout(spec), torch.float32, "cpu"),
+                recycled=3),  # the output and the two scratch buffers
 )
 
 
@@ -191,7 +199,7 @@ def _hand_written_artifact(family: HandWritten, kernel_name: str, spec: Any,
 
     def finish(library: Path) -> Callable[..., Any]:
         fn = load_kernel(library, kernel_name, family.pointers(spec), family.sizes)
-        return build_launcher(launcher_source, name, fn)
+        return build_launcher(launcher_source, name, fn, family.recycled)
 
     counters["kernels"][family.name] += 1
     return CppArtifact(finish, kernel_name, source, launcher_source, [family.output_layout(spec)])

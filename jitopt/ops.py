@@ -111,6 +111,57 @@ def _(x: torch.Tensor, weight: torch.Tensor, n: int,
     return x.new_empty(x.shape[0], n)
 
 
+# Winograd F(2x2, 3x3) (Lavin and Gray, 2016): a 2x2 block of a 3x3 convolution's outputs
+# from a 4x4 input tile in 16 products instead of 36. u = B^T d B, w = G g G^T, y = A^T m A.
+WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
+WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+
+def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[K, C, 3, 3] -> [16, C, K]: G g G^T for each output and input channel, point by point
+    (p = 4 * row + column), computed in float64 and rounded once."""
+    g = torch.tensor(WINOGRAD_G, dtype=torch.float64, device=weight.device)
+    out_channels, in_channels = weight.shape[:2]
+    transformed = torch.einsum("ai,kcij,bj->abck", g, weight.double(), g)
+    return transformed.reshape(16, in_channels, out_channels).to(weight.dtype).contiguous()
+
+
+@torch.library.custom_op("jitopt::conv3x3_winograd", mutates_args=())
+def conv3x3_winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     other: torch.Tensor | None = None, unary: str = "none") -> torch.Tensor:
+    """[relu](conv2d(x, g, bias, stride=1, padding=1) [+ other]) for a 3x3 kernel g given as
+    weight = winograd_weight(g): x [N, C, H, W], out [N, K, H, W] channels-last. This
+    reference runs the same transforms in ATen ops; the CPU target runs a kernel."""
+    n, c, h, w = x.shape
+    tiles_h, tiles_w = -(-h // 2), -(-w // 2)
+    padded = F.pad(x, (1, 2 * tiles_w + 1 - w, 1, 2 * tiles_h + 1 - h))
+    d = padded.unfold(2, 4, 2).unfold(3, 4, 2)  # [N, C, TH, TW, 4, 4]
+    bt = torch.tensor(WINOGRAD_BT, dtype=x.dtype, device=x.device)
+    u = torch.einsum("ai,ncyxij,bj->abnyxc", bt, d, bt).reshape(16, -1, c)
+    m = torch.bmm(u, weight).view(4, 4, n, tiles_h, tiles_w, -1)
+    at = torch.tensor(WINOGRAD_AT, dtype=x.dtype, device=x.device)
+    y = torch.einsum("ai,ijnyxk,bj->nyaxbk", at, m, at)
+    y = y.reshape(n, 2 * tiles_h, 2 * tiles_w, -1)[:, :h, :w].permute(0, 3, 1, 2)
+    if bias is not None:
+        y = y + bias[:, None, None]
+    if other is not None:
+        y = y + other
+    if unary == "relu":
+        y = torch.relu(y)
+    return y.contiguous(memory_format=torch.channels_last)
+
+
+@conv3x3_winograd.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+      other: torch.Tensor | None = None, unary: str = "none") -> torch.Tensor:
+    torch._check(x.dim() == 4 and weight.shape[:2] == (16, x.shape[1]),
+                 lambda: f"conv3x3_winograd: x {tuple(x.shape)} against a Winograd weight "
+                         f"{tuple(weight.shape)}")
+    n, _, h, w = x.shape
+    return x.new_empty(n, weight.shape[2], h, w).contiguous(memory_format=torch.channels_last)
+
+
 def kv_append(cache: torch.Tensor, new: torch.Tensor, dim: int,
               max_tokens: int | None = None) -> torch.Tensor:
     """`torch.cat([cache, new], dim)` for a key/value cache: the same values, returned as a

@@ -19,6 +19,7 @@ from jitopt.passes.quantize_linear_int8_weight_only import quantize_linear_int8_
 from jitopt.passes.remove_noops import remove_noops
 from jitopt.passes.rewrite_attention import rewrite_attention
 from jitopt.passes.rewrite_causal_mask import rewrite_causal_mask
+from jitopt.passes.rewrite_conv_winograd import rewrite_conv_winograd
 from jitopt.passes.rewrite_gelu_tanh import rewrite_gelu_tanh
 from jitopt.passes.rewrite_kv_cache import rewrite_kv_cache
 from jitopt.passes.sink_views_through_pointwise import sink_views_through_pointwise
@@ -56,8 +57,10 @@ PIPELINE = [
     prepack_linear_weights,
     # Then activations right after such a linear become its post-op (before fusion claims them).
     fuse_linear_epilogues,
-    # The same for convolutions (after fold_conv_bn), whose outputs become channels-last;
-    # then ReLU and residual adds become their post-ops.
+    # 3x3 stride-1 convolutions to Winograd F(2x2, 3x3) (after fold_conv_bn; before the
+    # prepacking below would claim them), the rest to oneDNN with packed weights; outputs
+    # become channels-last; then ReLU and residual adds become their post-ops.
+    rewrite_conv_winograd,
     prepack_convolutions,
     fuse_conv_epilogues,
     # Attention written out by hand to the fused attention kernel (before fusion would claim
@@ -91,7 +94,8 @@ INFERENCE_ONLY = frozenset({remove_noops, fold_constants, fold_conv_bn, fold_lin
                             quantize_embedding_int8, split_constant_bmm,
                             sink_views_through_pointwise, rewrite_causal_mask,
                             prepack_linear_weights, rewrite_kv_cache, fuse_linear_epilogues,
-                            prepack_convolutions, fuse_conv_epilogues})
+                            rewrite_conv_winograd, prepack_convolutions,
+                            fuse_conv_epilogues})
 
 # Passes that run only when the `quantize` option names their mode.
 QUANTIZE_PASSES = {"int8": (split_constant_bmm, quantize_linear_int8, quantize_embedding_int8),

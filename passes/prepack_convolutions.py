@@ -42,7 +42,7 @@ def prepack_convolutions(gm: fx.GraphModule) -> int:
         changed.add(conv)
     if changed:
         refresh_meta_downstream(gm, changed)
-        _restore_output_layouts(gm, old_vals)
+        restore_output_layouts(gm, old_vals)
     return len([n for n in changed if n.target is CONV])
 
 
@@ -62,7 +62,7 @@ def is_frozen_cpu_conv2d(node: fx.Node) -> bool:
             and (bias_node is None or is_constant(bias_node)))
 
 
-def _restore_output_layouts(gm: fx.GraphModule, old_vals: dict) -> None:
+def restore_output_layouts(gm: fx.GraphModule, old_vals: dict) -> None:
     """A returned value keeps eager's strides: copy it back where its layout changed."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
     for value in output.all_input_nodes:

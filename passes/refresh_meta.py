@@ -33,10 +33,12 @@ def refresh_meta_downstream(gm: fx.GraphModule, changed: set[fx.Node]) -> None:
 
 
 def fake_value(node: fx.Node, fake_mode) -> object:
-    """A fake tensor for `node`: its meta value, or for a constant one made from its data."""
+    """A fake tensor for `node`: its meta value, or for a constant one made from its data
+    (with static sizes: a symbol without a source would break Dynamo's guards)."""
     if is_constant(node):
         value = constant_value(node)
-        return fake_mode.from_tensor(value) if value.layout == torch.strided else value
+        return (fake_mode.from_tensor(value, static_shapes=True) if value.layout == torch.strided
+                else value)
     return node.meta.get("val")
 
 
