@@ -51,8 +51,8 @@ extern "C" void winograd_0(const float* __restrict__ x, const float* __restrict_
     #pragma omp for schedule(static) collapse(2)
     for (int64_t p = 0; p < 16; ++p) {
       for (int64_t kb = 0; kb < K; kb += 64) {
-        for (int64_t t0 = 0; t0 < T; t0 += 4)
-          jo_wino_gemm_tile(int(std::min<int64_t>(4, T - t0)), u + (p * T + t0) * C,
+        for (int64_t t0 = 0; t0 < T; t0 += 6)
+          jo_wino_gemm_tile(int(std::min<int64_t>(6, T - t0)), u + (p * T + t0) * C,
                             w + p * C * K + kb, C, K, m + (p * T + t0) * K + kb);
       }
     }
