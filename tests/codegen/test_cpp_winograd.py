@@ -36,35 +36,38 @@ class TestGoldenSource(expecttest.TestCase):
                             bias=True, other=True, relu=True)
         self.assertExpectedInline(render_winograd(spec, "winograd_0"), """\
 
-extern "C" void winograd_0(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias, const float* __restrict__ other, float* __restrict__ u, float* __restrict__ m, float* __restrict__ y) {
+extern "C" void winograd_0(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias, const float* __restrict__ other, float* __restrict__ y) {
   constexpr int64_t C = 64, K = 128, H = 7, W = 7;
   constexpr int64_t TH = 4, TW = 4, T = 128;
   #pragma omp parallel
   {
+    static thread_local std::vector<float> u_buffer, m_buffer;
+    u_buffer.resize(16 * 24 * C);
+    m_buffer.resize(16 * 24 * 64);
+    float* u = u_buffer.data();
+    float* m = m_buffer.data();
     #pragma omp for schedule(static)
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t n = t / (TH * TW), th = t / TW % TH, tw = t % TW;
-      for (int64_t c = 0; c < C; c += 16)
-        jo_wino_input(x + n * H * W * C + c, H, W, C, 2 * th - 1, 2 * tw - 1, u + t * C + c,
-                      T * C);
-    }
-    #pragma omp for schedule(static) collapse(2)
-    for (int64_t p = 0; p < 16; ++p) {
-      for (int64_t kb = 0; kb < K; kb += 64) {
-        for (int64_t t0 = 0; t0 < T; t0 += 6)
-          jo_wino_gemm_tile(int(std::min<int64_t>(6, T - t0)), u + (p * T + t0) * C,
-                            w + p * C * K + kb, C, K, m + (p * T + t0) * K + kb);
+    for (int64_t t0 = 0; t0 < T; t0 += 24) {
+      const int64_t tiles = std::min<int64_t>(24, T - t0);
+      for (int64_t t = t0; t < t0 + tiles; ++t) {
+        const int64_t n = t / (TH * TW), th = t / TW % TH, tw = t % TW;
+        for (int64_t c = 0; c < C; c += 16)
+          jo_wino_input(x + n * H * W * C + c, H, W, C, 2 * th - 1, 2 * tw - 1,
+                        u + (t - t0) * C + c, 24 * C);
       }
-    }
-    #pragma omp for schedule(static)
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t n = t / (TH * TW), th = t / TW % TH, tw = t % TW;
-      const int64_t rows = std::min<int64_t>(2, H - 2 * th), cols = std::min<int64_t>(2, W - 2 * tw);
-      const int64_t at = ((n * H + 2 * th) * W + 2 * tw) * K;
-      for (int64_t k = 0; k < K; k += 16)
-        jo_wino_output<true>(
-            m + t * K + k, T * K, bias + k, other + at + k,
-            y + at + k, W * K, K, rows, cols);
+      for (int64_t kb = 0; kb < K; kb += 64) {
+        for (int64_t p = 0; p < 16; ++p)
+          for (int64_t r = 0; r < tiles; r += 6)
+            jo_wino_gemm_tile(int(std::min<int64_t>(6, tiles - r)), u + (p * 24 + r) * C,
+                              w + p * C * K + kb, C, K, m + (p * 24 + r) * 64, 64);
+        for (int64_t t = t0; t < t0 + tiles; ++t) {
+          const int64_t n = t / (TH * TW), th = t / TW % TH, tw = t % TW;
+          const int64_t rows = std::min<int64_t>(2, H - 2 * th), cols = std::min<int64_t>(2, W - 2 * tw);
+          const int64_t at = ((n * H + 2 * th) * W + 2 * tw) * K;
+          for (int64_t k = 0; k < 64; k += 16)
+            jo_wino_output<true>(m + (t - t0) * 64 + k, 24 * 64, bias + kb + k, other + at + kb + k, y + at + kb + k, W * K, K, rows, cols);
+        }
+      }
     }
   }
 }

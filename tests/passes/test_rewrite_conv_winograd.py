@@ -52,6 +52,15 @@ def test_residual_block_matches_eager(shape, bias):
     assert jitopt.counters["passes"]["fuse_conv_epilogues"] == 2
 
 
+@pytest.mark.parametrize("shape", [(2, 320, 5, 7), (1, 320, 4, 4)])
+def test_large_weights_run_the_phased_form(shape):
+    """320 x 320 channels: too big a weight to run per block of tiles (cpp_winograd.py)."""
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    got, want = _run(Block(320), x)
+    assert_same(got, want, atol=2e-5, rtol=1e-4)
+    assert jitopt.counters["kernels"]["cpp_winograd"] == 2
+
+
 def test_input_channels_16_output_128_and_channels_last_input():
     model = nn.Sequential(nn.Conv2d(16, 128, 3, padding=1), nn.Sigmoid())
     x = torch.randn(2, 16, 10, 6).contiguous(memory_format=torch.channels_last)
