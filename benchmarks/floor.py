@@ -242,7 +242,8 @@ def run_model(name: str, quick: bool) -> dict[str, Any]:
 
 def markdown(results: list[dict[str, Any]]) -> str:
     lines = ["| model | eager | jitopt | floor, hot | floor, cold | jitopt / hot floor "
-             "| jitopt / cold floor | jitopt in library calls (profiled) | jitopt elsewhere |",
+             "| jitopt / cold floor | jitopt in library calls (profiled) "
+             "| jitopt elsewhere (its own kernels, the rest) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:

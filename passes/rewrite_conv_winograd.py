@@ -28,7 +28,10 @@ def rewrite_conv_winograd(gm: fx.GraphModule) -> int:
     layers 10-30% faster than oneDNN's direct convolution at its peak here. Its output is
     channels-last, as prepack_convolutions makes the others. Safe: an exact identity in real
     arithmetic; in float32 (transform entries 0, +-1 and +-1/2, the weight transformed in
-    float64) its error against a float64 convolution measured below the direct one's."""
+    float64) its error against a float64 convolution measured below the direct one's. One
+    difference: an infinity or NaN in the input reaches the outputs of its whole 4x4 tile,
+    up to one pixel farther than a direct convolution's 3x3 window takes it (inf - inf).
+    Disable with options={"disabled_passes": ["rewrite_conv_winograd"]}."""
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         return 0  # the kernel is written for AVX-512; the reference alone would be slower
     old_vals = {n: n.meta.get("val") for n in gm.graph.nodes}
