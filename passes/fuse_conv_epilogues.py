@@ -59,7 +59,8 @@ def _fuse_into_winograd(gm: fx.GraphModule, conv: fx.Node) -> int:
 
 
 def _addend(add: fx.Node, conv: fx.Node) -> fx.Node | None:
-    """The other operand of `conv + other`, when oneDNN can add it as is."""
+    """The other operand of `conv + other`, when the convolution's kernel (oneDNN's or the
+    Winograd one) can add it as is."""
     a, b = add.args
     other = b if a is conv else a if b is conv else None
     if not isinstance(other, fx.Node) or other is conv:

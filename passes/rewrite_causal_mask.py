@@ -13,7 +13,8 @@ from jitopt.passes.graph_facts import is_pure_op, static_shape
 aten = torch.ops.aten
 SDPA_CPU = aten._scaled_dot_product_flash_attention_for_cpu.default
 SDPA_ANY_DEVICE = aten.scaled_dot_product_attention.default
-# Elements past which a mask's subgraph is not evaluated at compile time (64 MB of float32).
+# Elements of memory past which a node of a mask's subgraph is not evaluated at compile time
+# (64 MB of float32; an expanded view spans only its source's).
 MAX_EVALUATED = 2 ** 24
 
 
@@ -23,8 +24,10 @@ def rewrite_causal_mask(gm: fx.GraphModule) -> int:
     torch's causal mask, query i seeing keys j <= i, to the `is_causal` flag, which lets the
     kernel skip the masked half of the scores. Safe: the mask's subgraph is evaluated at
     compile time and compared element by element; a float mask counts only if its masked
-    entries are -inf or below half the dtype's lowest value (so that every finite score there
-    has an exponential of exactly 0, as causal skipping gives) and the rest exactly 0."""
+    entries are -inf or below half the dtype's lowest value (so that a masked score's
+    exponential is exactly 0, as causal skipping gives, unless the scores themselves come
+    within half the dtype's range of overflowing) and the rest exactly 0. A subgraph that
+    cannot be evaluated (too large, or an op that raises) leaves its mask as it is."""
     candidates = {node: mask for node in gm.graph.nodes
                   if (mask := _removable_mask(node)) is not None}
     values = _evaluate(gm, set(candidates.values()))
@@ -48,6 +51,7 @@ def _removable_mask(node: fx.Node) -> fx.Node | None:
     mask = node.kwargs.get("attn_mask")
     if not isinstance(mask, fx.Node):
         return None
+    # Any other form (a positional mask, other options such as enable_gqa) is left alone.
     if node.target is SDPA_CPU:
         options, allowed = dict(zip(("dropout_p", "is_causal"), node.args[3:])), {"scale"}
     elif len(node.args) == 3:
@@ -75,14 +79,23 @@ def _evaluate(gm: fx.GraphModule, wanted: set[fx.Node]) -> dict[fx.Node, torch.T
             continue
         if not (is_pure_op(node) or node.target is operator.getitem):
             continue
-        if any(n not in values for n in node.all_input_nodes) or _symbolic(node):
+        if any(n not in values for n in node.all_input_nodes) or _symbolic(node) \
+                or _span(node.meta.get("val")) > MAX_EVALUATED:
             continue
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
-        with torch.no_grad():
-            value = node.target(*args, **kwargs)
-        if not isinstance(value, torch.Tensor) or value.numel() <= MAX_EVALUATED:
-            values[node] = value
+        try:
+            with torch.no_grad():
+                values[node] = node.target(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - only an optimization: the mask then stays
+            continue
     return {n: v for n, v in values.items() if n in wanted and isinstance(v, torch.Tensor)}
+
+
+def _span(value: object) -> int:
+    """Elements of memory a tensor value spans (0 for anything else)."""
+    if not isinstance(value, torch.Tensor) or value.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * stride for size, stride in zip(value.shape, value.stride()))
 
 
 def _ancestors(nodes: set[fx.Node]) -> set[fx.Node]:

@@ -21,17 +21,18 @@ IN_CHANNEL_MULTIPLE, OUT_CHANNEL_MULTIPLE = 16, 64
 
 def rewrite_conv_winograd(gm: fx.GraphModule) -> int:
     """Rewrites a float32 CPU convolution with a frozen 3x3 weight, stride 1, padding 1, no
-    dilation or groups, static sizes, input channels a multiple of 16 and output channels of
-    64, on an AVX-512 CPU, to jitopt::conv3x3_winograd over the weight transformed once
-    (16 / 9 of its size). Why: F(2x2, 3x3) computes each 2x2 block of outputs with 16
-    products per channel pair instead of 36, and the CPU target's kernel runs ResNet's 3x3
-    layers 10-30% faster than oneDNN's direct convolution at its peak here. Its output is
-    channels-last, as prepack_convolutions makes the others. Safe: an exact identity in real
-    arithmetic; in float32 (transform entries 0, +-1 and +-1/2, the weight transformed in
-    float64) its error against a float64 convolution measured below the direct one's. One
-    difference: an infinity or NaN in the input reaches the outputs of its whole 4x4 tile,
-    up to one pixel farther than a direct convolution's 3x3 window takes it (inf - inf).
-    Disable with options={"disabled_passes": ["rewrite_conv_winograd"]}."""
+    dilation or groups, static sizes, input channels a multiple of 16 and output channels a
+    multiple of 64, on an AVX-512 CPU, to jitopt::conv3x3_winograd over the weight
+    transformed once (16 / 9 of its size). Its output is channels-last, as
+    prepack_convolutions makes the others. Why: F(2x2, 3x3) computes each 2x2 block of
+    outputs with 16 products per channel pair instead of 36, and the CPU target's kernel
+    (codegen/cpp_winograd.py) runs ResNet's 3x3 layers 1.3-2x as fast as oneDNN's direct
+    convolution at its peak here. Safe: an exact identity in real arithmetic; in float32
+    (transform entries 0, +-1 and +-1/2, the weight transformed in float64) its error against
+    a float64 convolution measured below the direct one's. One difference: an infinity or
+    NaN in the input reaches the outputs of its whole 4x4 tile, up to one pixel farther than
+    a direct convolution's 3x3 window takes it (inf - inf). Disable with
+    options={"disabled_passes": ["rewrite_conv_winograd"]}."""
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         return 0  # the kernel is written for AVX-512; the reference alone would be slower
     old_vals = {n: n.meta.get("val") for n in gm.graph.nodes}

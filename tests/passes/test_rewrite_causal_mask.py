@@ -46,7 +46,15 @@ def _bool_mask(q, k, v):
         q, k, v, attn_mask=torch.ones(s, s, dtype=torch.bool).tril())
 
 
-@pytest.mark.parametrize("fn", [_hf_style_mask, _inf_mask, _bool_mask])
+def _expanded_mask(q, k, v):
+    """Broadcast to the batch first, as Hugging Face's mask builders do: a view, evaluated
+    at compile time at the size of its source."""
+    s = q.shape[2]
+    mask = torch.ones(s, s, dtype=torch.bool).tril()[None, None].expand(q.shape[0], 1, s, s)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("fn", [_hf_style_mask, _inf_mask, _bool_mask, _expanded_mask])
 def test_causal_masks_become_the_flag(fn):
     assert _run(fn, *_heads()) == 1
 
