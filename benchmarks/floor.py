@@ -16,9 +16,9 @@ or the ATen op as eager called it, whichever is faster. Two figures per call:
 
 Attention counts as its two matmuls' FLOPs at the packed fp32 GEMM peak measured in the same
 process (no CPU attention kernel here runs faster). The floor sums all of these over the
-calls (times their counts). Beside it: eager's and jitopt's medians (each timed alone, one
-process per model) and jitopt's profile, split into the library calls (oneDNN and ATen
-matmul, convolution and attention ops) and everything else.
+calls (times their counts). Beside it: eager's and jitopt's medians (each timed alone,
+first, one process per model) and jitopt's profile, split into the library calls (oneDNN
+and ATen matmul, convolution and attention ops) and everything else.
 gpt2-generate is left out: a decode step is bound by reading the weights, not by its FLOPs.
 
 Output: a markdown report on stdout, floor.json and floor.md in --out.
@@ -107,16 +107,13 @@ def _signature(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def record_calls(name: str, quick: bool) -> tuple[list[_Call], Callable[[], Any],
-                                                 torch.nn.Module, tuple]:
-    """The model's distinct library calls in one eager forward, and a call of the model."""
-    bench = MODELS[name](quick)
-    model = bench.module
+def record_calls(model: torch.nn.Module, inputs: tuple) -> list[_Call]:
+    """The model's distinct library calls in one eager forward."""
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     recorder = _Recorder(weights)
     with torch.no_grad(), recorder:
-        model(*bench.inputs)
-    return list(recorder.calls.values()), lambda: model(*bench.inputs), model, bench.inputs
+        model(*inputs)
+    return list(recorder.calls.values())
 
 
 def candidates(call: _Call) -> dict[str, Callable[[], Any]]:
@@ -218,20 +215,24 @@ def jitopt_profile(fn: Callable[[], Any], calls: int) -> float:
 def run_model(name: str, quick: bool) -> dict[str, Any]:
     import jitopt
 
-    calls, eager, model, inputs = record_calls(name, quick)
-    peak_flops = onednn_fp32_gflops(512 if quick else 2048) * 1e9
+    bench = MODELS[name](quick)
+    model, inputs = bench.module, bench.inputs
     with torch.no_grad():
-        rows = [measure_call(call, quick, peak_flops) for call in calls]
+        # The models first, each alone, before the floor's calls and buffers fill the process
+        # (timed after them, or interleaved with eager, jitopt ran 5-20% slower than in the
+        # main suite).
         compiled = torch.compile(model, backend="jitopt")
         for _ in range(3):
             compiled(*inputs)
         jitopt.finish_compiles()
         jit = lambda: compiled(*inputs)  # noqa: E731
-        # Each alone (interleaved with eager, jitopt ran 5-20% slower than in the main suite).
-        medians = {name: time_calls(fn, warmup=2, iterations=5 if quick else 20,
-                                    max_seconds=2 if quick else 20).median_s
-                   for name, fn in (("eager", eager), ("jitopt", jit))}
+        medians = {key: time_calls(fn, warmup=2, iterations=5 if quick else 20,
+                                   max_seconds=2 if quick else 20).median_s
+                   for key, fn in (("jitopt", jit), ("eager", lambda: model(*inputs)))}
         library_s = jitopt_profile(jit, 2 if quick else 5)
+        calls = record_calls(model, inputs)
+        peak_flops = onednn_fp32_gflops(512 if quick else 2048) * 1e9
+        rows = [measure_call(call, quick, peak_flops) for call in calls]
     return {"model": name, "calls": rows, "peak_gflops": peak_flops / 1e9,
             "eager_s": medians["eager"],
             "jitopt_s": medians["jitopt"], "jitopt_library_s": library_s,
