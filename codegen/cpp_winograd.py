@@ -16,10 +16,10 @@ tile beats it on ResNet's 3x3 layers (batch 8, measured alone, interleaved): 3.4
 
 Where the transformed weight is small (C x K <= 65536: 4 MB, it stays in cache) the steps
 run per block of 24 tiles in one thread, u and m in that thread's own buffers (kept for the
-thread's life, as small as the weight is), so they never leave the cache (64 and 128 channels: 2.4-2.6 ms against 3.0-3.8 for the phased form). A
-bigger weight would be read again for every block (512 channels: 4.0 against 3.0 ms), so
-there each step runs over all tiles in turn, in parallel, u and m in scratch buffers the
-launcher keeps between calls.
+thread's life, as small as the weight is), so they never leave the cache (64 and 128
+channels: 2.4-2.6 ms against 3.0-3.8 for the phased form). A bigger weight would be read
+again for every block (512 channels: 4.0 against 3.0 ms), so there each step runs over all
+tiles in turn, in parallel, u and m in scratch buffers the launcher keeps between calls.
 """
 
 from __future__ import annotations
@@ -280,7 +280,8 @@ static inline void jo_wino_input(const float* x, int64_t H, int64_t W, int64_t C
 }
 
 // m[r][0:64] = sum_c u[r][c] * w[c][0:64] for `rows` (at most 6) rows, m's rows ldm apart,
-// in registers: 24 accumulators and 4 weight vectors of the 32 (6 rows measured 1.1-1.4x faster than 4).
+// in registers: 24 accumulators and 4 weight vectors of the 32 (6 rows measured 1.1-1.4x
+// faster than 4).
 static inline void jo_wino_gemm_tile(int rows, const float* u, const float* w, int64_t C,
                                      int64_t K, float* m, int64_t ldm) {
   __m512 acc[6][4];

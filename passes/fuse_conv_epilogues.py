@@ -54,8 +54,8 @@ def _fuse_into_winograd(gm: fx.GraphModule, conv: fx.Node) -> int:
         return 0
     last = only_user(user)
     relu = last if last is not None and is_op(last, aten.relu.default) else None
-    return _replace(gm, relu or user, WINOGRAD, (x, weight, bias, other, "relu" if relu else "none"),
-                    conv, extra=[user] if relu else [])
+    args = (x, weight, bias, other, "relu" if relu else "none")
+    return _replace(gm, relu or user, WINOGRAD, args, conv, extra=[user] if relu else [])
 
 
 def _addend(add: fx.Node, conv: fx.Node) -> fx.Node | None:

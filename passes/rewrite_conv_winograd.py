@@ -1,11 +1,11 @@
-"""3x3 stride-1 convolutions with frozen weights to Winograd F(2x2, 3x3), weight transformed once."""
+"""3x3 stride-1 convolutions with frozen weights to Winograd F(2x2, 3x3), weight transformed
+once."""
 
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 
-import jitopt.ops  # noqa: F401  (registers torch.ops.jitopt)
 from jitopt.ops import winograd_weight
 from jitopt.passes.constants import add_constant, constant_value, is_constant
 from jitopt.passes.graph_facts import is_op, tensor_meta
