@@ -189,17 +189,17 @@ def measure_call(call: _Call, quick: bool, peak_flops: float) -> dict[str, Any]:
     Attention is its two matmuls' FLOPs at `peak_flops`, the packed fp32 GEMM's: ATen's CPU
     kernel runs at a third of that here, and jitopt runs its own (codegen/cpp_attention.py),
     so a measured library time would be no floor."""
+    row = {"call": call.describe(), "count": call.count, "flops": flops(call)}
     if call.op in ATTENTION:
-        at_peak = flops(call) / peak_flops
-        return {"call": call.describe(), "count": call.count, "flops": flops(call),
-                "kernel": "at GEMM peak", "hot_s": at_peak, "cold_s": at_peak}
+        at_peak = row["flops"] / peak_flops
+        return {**row, "kernel": "at GEMM peak", "hot_s": at_peak, "cold_s": at_peak}
+    ways = candidates(call)  # (packs weights: once)
     hot = {name: time_calls(fn, warmup=2, iterations=5 if quick else 20,
                             max_seconds=1 if quick else 3).median_s
-           for name, fn in candidates(call).items()}
+           for name, fn in ways.items()}
     best = min(hot, key=hot.get)
-    cold = time_cold(candidates(call)[best], call.activations(), 3 if quick else 10)
-    return {"call": call.describe(), "count": call.count, "flops": flops(call), "kernel": best,
-            "hot_s": hot[best], "cold_s": cold}
+    cold = time_cold(ways[best], call.activations(), 3 if quick else 10)
+    return {**row, "kernel": best, "hot_s": hot[best], "cold_s": cold}
 
 
 def jitopt_profile(fn: Callable[[], Any], calls: int) -> float:

@@ -2,7 +2,7 @@ import torch
 import torch.fx as fx
 
 from jitopt.passes.constants import add_constant, constant_value, is_constant
-from jitopt.passes.graph_facts import is_pure_op
+from jitopt.passes.graph_facts import has_symbolic_args, is_pure_op
 
 # Folding must not trade a small weight for a huge materialized one (expand, repeat, outer
 # products): a result more than this many times its largest input stays in the graph.
@@ -34,8 +34,7 @@ def _foldable(node: fx.Node) -> bool:
     inputs = node.all_input_nodes
     if not inputs or not all(is_constant(n) for n in inputs):
         return False
-    return not any(isinstance(a, torch.SymInt | torch.SymFloat | torch.SymBool)
-                   for a in _flat(node.args) + _flat(list(node.kwargs.values())))
+    return not has_symbolic_args(node)
 
 
 def _flat(values: list | tuple) -> list:

@@ -43,6 +43,14 @@ def is_mutated(node: fx.Node) -> bool:
     return False
 
 
+def has_symbolic_args(node: fx.Node) -> bool:
+    """Does an argument hold a symbolic size or scalar (a value only known at run time)?"""
+    found: list[object] = []
+    fx.node.map_aggregate((node.args, node.kwargs), lambda a: found.append(a) if isinstance(
+        a, torch.SymInt | torch.SymFloat | torch.SymBool) else a)
+    return bool(found)
+
+
 def is_output(node: fx.Node) -> bool:
     return any(user.op == "output" for user in node.users)
 

@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 
 from jitopt.passes.constants import constant_value, is_constant
-from jitopt.passes.graph_facts import is_pure_op, static_shape
+from jitopt.passes.graph_facts import has_symbolic_args, is_pure_op, static_shape
 
 aten = torch.ops.aten
 SDPA_CPU = aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -79,7 +79,7 @@ def _evaluate(gm: fx.GraphModule, wanted: set[fx.Node]) -> dict[fx.Node, torch.T
             continue
         if not (is_pure_op(node) or node.target is operator.getitem):
             continue
-        if any(n not in values for n in node.all_input_nodes) or _symbolic(node) \
+        if any(n not in values for n in node.all_input_nodes) or has_symbolic_args(node) \
                 or _span(node.meta.get("val")) > MAX_EVALUATED:
             continue
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
@@ -106,14 +106,6 @@ def _ancestors(nodes: set[fx.Node]) -> set[fx.Node]:
             seen.add(node)
             stack.extend(node.all_input_nodes)
     return seen
-
-
-def _symbolic(node: fx.Node) -> bool:
-    """Does an argument hold a symbolic size (a value only known at run time)?"""
-    found: list[object] = []
-    fx.node.map_aggregate((node.args, node.kwargs), lambda a: found.append(a) if isinstance(
-        a, torch.SymInt | torch.SymFloat | torch.SymBool) else a)
-    return bool(found)
 
 
 def _is_causal(mask: torch.Tensor, queries: int, keys: int) -> bool:

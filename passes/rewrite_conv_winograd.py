@@ -7,9 +7,9 @@ import torch
 import torch.fx as fx
 
 from jitopt.ops import winograd_weight
-from jitopt.passes.constants import add_constant, constant_value, is_constant
-from jitopt.passes.graph_facts import is_op, tensor_meta
-from jitopt.passes.prepack_convolutions import restore_output_layouts
+from jitopt.passes.constants import add_constant, constant_value
+from jitopt.passes.graph_facts import tensor_meta
+from jitopt.passes.prepack_convolutions import is_frozen_cpu_conv2d, restore_output_layouts
 from jitopt.passes.refresh_meta import refresh_meta_downstream
 
 aten = torch.ops.aten
@@ -58,19 +58,12 @@ def rewrite_conv_winograd(gm: fx.GraphModule) -> int:
 
 
 def _takes(node: fx.Node) -> bool:
-    if not is_op(node, aten.convolution.default):
+    """A frozen float32 CPU 2-D convolution (prepack_convolutions' test) the kernel runs."""
+    if not is_frozen_cpu_conv2d(node) or tensor_meta(node) is None:
         return False
-    x, weight_node, bias_node, stride, padding, dilation, transposed, _, groups = node.args
-    value, out = tensor_meta(x), tensor_meta(node)
-    if value is None or out is None or not is_constant(weight_node):
-        return False
-    if bias_node is not None and not is_constant(bias_node):
-        return False
+    _, weight_node, _, stride, padding, dilation, _, _, groups = node.args
     weight = constant_value(weight_node)
     return (tuple(weight.shape[2:]) == (3, 3) and list(stride) == [1, 1]
-            and list(padding) == [1, 1] and list(dilation) == [1, 1] and not transposed
-            and groups == 1 and weight.dtype == value.dtype == torch.float32
-            and weight.device.type == value.device.type == "cpu" and value.dim() == 4
-            and all(isinstance(d, int) for d in value.shape)
+            and list(padding) == [1, 1] and list(dilation) == [1, 1] and groups == 1
             and weight.shape[1] % IN_CHANNEL_MULTIPLE == 0
             and weight.shape[0] % OUT_CHANNEL_MULTIPLE == 0)
