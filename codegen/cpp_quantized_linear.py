@@ -22,12 +22,12 @@ import torch.fx as fx
 
 import jitopt.ops  # noqa: F401  (registers torch.ops.jitopt)
 from jitopt.errors import Declined
-from jitopt.ops import WEIGHT_BLOCK
+from jitopt.ops import WEIGHT_BLOCK, blocked_linear_args
 
 LINEAR_INT8_WEIGHT = torch.ops.jitopt.linear_int8_weight.default
 LINEAR_INT4_WEIGHT = torch.ops.jitopt.linear_int4_weight.default
-LINEAR_HALF_WEIGHT = torch.ops.jitopt.linear_half_weight.default
-OPS = (LINEAR_INT8_WEIGHT, LINEAR_INT4_WEIGHT, LINEAR_HALF_WEIGHT)
+LINEAR_BLOCKED_WEIGHT = torch.ops.jitopt.linear_blocked_weight.default
+OPS = (LINEAR_INT8_WEIGHT, LINEAR_INT4_WEIGHT, LINEAR_BLOCKED_WEIGHT)
 # weight format -> (packed dtype, bytes per input channel of a block, C++ element type)
 FORMATS = {"int8": (torch.int8, 64, "int8_t"), "int4": (torch.uint8, 32, "uint8_t"),
            "bfloat16": (torch.bfloat16, 128, "uint16_t"),
@@ -57,8 +57,10 @@ def quantized_linear_spec(node: fx.Node) -> QuantizedLinearSpec:
     elif node.target is LINEAR_INT4_WEIGHT:
         x, weight, scale, offset, n, group_size, bias = (list(node.args) + [None])[:7]
         params = [scale, offset]
-    elif node.target is LINEAR_HALF_WEIGHT:
-        x, weight, n, bias = (list(node.args) + [None])[:4]
+    elif node.target is LINEAR_BLOCKED_WEIGHT:
+        x, weight, n, bias, activation = blocked_linear_args(node.args)
+        if activation != "none":
+            raise Declined(f"quantized-weight linear kernel: no {activation} epilogue")
     else:
         raise Declined(f"not a quantized-weight linear: {node.target}")
     # (the constants' meta may sit on the meta device)
@@ -88,8 +90,15 @@ def operand_value(node: object) -> torch.Tensor:
 
 
 def quantized_linear_node(gm: fx.GraphModule) -> fx.Node | None:
-    """The quantized-weight linear of a partition quantized_linear_groups proposed, else None."""
-    return next((n for n in gm.graph.nodes if n.target in OPS), None)
+    """The quantized-weight linear of a partition quantized_linear_groups proposed, else None
+    (a float32 blocked weight is cpp_float_linear.py's)."""
+    for node in gm.graph.nodes:
+        try:
+            quantized_linear_spec(node)
+        except Declined:
+            continue
+        return node
+    return None
 
 
 def quantized_linear_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
@@ -111,7 +120,7 @@ def render_quantized_linear_launcher(name: str, spec: QuantizedLinearSpec, gm: f
     plan's `out0` when its layout fits) and calls the kernel with M."""
     from jitopt.codegen.fusion_target import tensor_params
 
-    node = quantized_linear_node(gm)
+    node = next(n for n in gm.graph.nodes if n.target in OPS)
     params, _ = tensor_params(gm)
     operands = [a.name for a in node.args if isinstance(a, fx.Node)]
     x = operands[0]

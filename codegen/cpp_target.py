@@ -1,6 +1,7 @@
 """The CPU target: each fusion group becomes a generated C++ kernel, and each attention call,
-quantized-weight linear or Winograd convolution one of our hand-written kernels
-(cpp_attention.py, cpp_quantized_linear.py, cpp_winograd.py); one library per graph."""
+blocked-weight linear or Winograd convolution one of our hand-written kernels
+(cpp_attention.py, cpp_float_linear.py, cpp_quantized_linear.py, cpp_winograd.py); one
+library per graph."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ from jitopt.codegen.cpp_quantized_linear import (
     QUANTIZED_LINEAR_PRELUDE, quantized_linear_groups, quantized_linear_node, quantized_linear_spec,
     render_quantized_linear, render_quantized_linear_launcher)
 from jitopt.codegen.cpp_compiler import LibraryBuild
+from jitopt.codegen.cpp_float_linear import (
+    FLOAT_LINEAR_PRELUDE, float_linear_groups, float_linear_node, float_linear_spec,
+    render_float_linear)
 from jitopt.codegen.cpp_kernel import render_kernel, render_source
 from jitopt.codegen.cpp_winograd import (
     WINOGRAD_PRELUDE, render_winograd, render_winograd_launcher, winograd_groups, winograd_node,
@@ -93,6 +97,10 @@ HAND_WRITTEN = (
                 WINOGRAD_PRELUDE, render_winograd, render_winograd_launcher, winograd_pointers,
                 0, lambda spec: (*winograd_output_layout(spec), torch.float32, "cpu"),
                 recycled=3),  # the output and the two scratch buffers
+    # (the quantized linears' launcher: the same call, x, w, [bias,] y and M)
+    HandWritten("cpp_float_linear", float_linear_groups, float_linear_node, float_linear_spec,
+                FLOAT_LINEAR_PRELUDE, render_float_linear, render_quantized_linear_launcher,
+                lambda spec: 3 + spec.bias, 1, lambda spec: None),
 )
 
 

@@ -21,8 +21,8 @@ from jitopt.codegen.python_wrapper import render_wrapper
 from jitopt.config import Config, resolve
 from jitopt.debug import DumpDir, counters, log
 from jitopt.errors import JitoptFallbackWarning
-from jitopt.passes import INFERENCE_ONLY, PIPELINE, QUANTIZE_PASSES, QUANTIZING, run_passes
-from jitopt.passes.rewrite_conv_winograd import rewrite_conv_winograd
+from jitopt.passes import (CPP_KERNEL_PASSES, INFERENCE_ONLY, PIPELINE, QUANTIZE_PASSES,
+                           QUANTIZING, run_passes)
 from jitopt.passes.rewrite_kv_cache import rewrite_kv_cache
 from jitopt.passes.constants import meta_like
 from jitopt.passes.graph_facts import is_mutated
@@ -309,8 +309,9 @@ def _lower(gm: fx.GraphModule, kind: str, config: Config, report: AtenGraphRepor
               and (kind == "inference" or p not in INFERENCE_ONLY)
               and (p not in QUANTIZING or p in QUANTIZE_PASSES.get(config.quantize, ()))
               and (p is not rewrite_kv_cache or config.kv_cache)
-              # its op is fast only as the CPU target's kernel (elsewhere: ATen's reference)
-              and (p is not rewrite_conv_winograd or "cpp" in config.targets)]
+              # their ops are fast only as the CPU target's kernels (elsewhere: ATen's
+              # references)
+              and (p not in CPP_KERNEL_PASSES or "cpp" in config.targets)]
     with capture.real_tensors():
         records = run_passes(gm, passes, verify_each=config.verify == "each",
                              dump=lambda name, text: dump.write(name, lazy=text))

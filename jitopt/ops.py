@@ -93,21 +93,42 @@ def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.
     return x.new_empty(x.shape[0], n)
 
 
-@torch.library.custom_op("jitopt::linear_half_weight", mutates_args=())
-def linear_half_weight(x: torch.Tensor, weight: torch.Tensor, n: int,
-                       bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W.T (+ bias) with W stored as bfloat16 or float16, packed by pack_weight_blocks,
-    and everything else float32: x [M, K], the products and sums, y [M, n]. This reference
-    widens the whole weight on every call."""
-    return F.linear(x, unpack_weight_blocks(weight, n).float(), bias)
+# A blocked-weight linear's activation (applied to y as it is stored) -> its reference.
+LINEAR_ACTIVATIONS = {
+    "none": lambda y: y, "relu": torch.relu, "gelu": F.gelu,
+    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"), "silu": F.silu, "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
 
 
-@linear_half_weight.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, n: int,
-      bias: torch.Tensor | None = None) -> torch.Tensor:
+@torch.library.custom_op("jitopt::linear_blocked_weight", mutates_args=())
+def linear_blocked_weight(x: torch.Tensor, weight: torch.Tensor, n: int,
+                          bias: torch.Tensor | None = None,
+                          activation: str = "none") -> torch.Tensor:
+    """y = act(x @ W.T (+ bias)) with W packed by pack_weight_blocks and stored as float32,
+    bfloat16 or float16, and everything else float32: x [M, K], the products and sums, y
+    [M, n]; `act` one of LINEAR_ACTIVATIONS. This reference multiplies x into each block of
+    64 output channels (one batched matmul: the weight is widened, never unpacked)."""
+    blocks = torch.matmul(x, weight.to(x.dtype))  # [NB, M, 64]
+    y = blocks.permute(1, 0, 2).reshape(x.shape[0], -1)[:, :n]
+    return LINEAR_ACTIVATIONS[activation](y + bias if bias is not None else y).contiguous()
+
+
+def blocked_linear_args(args: tuple) -> tuple:
+    """A linear_blocked_weight call's positional args with defaults filled in: (x, weight,
+    n, bias, activation)."""
+    return (*args, *(None, "none")[len(args) - 3:])
+
+
+@linear_blocked_weight.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, n: int, bias: torch.Tensor | None = None,
+      activation: str = "none") -> torch.Tensor:
     torch._check(x.dim() == 2 and x.shape[1] == weight.shape[1],
-                 lambda: f"linear_half_weight: x {tuple(x.shape)} against a packed weight "
+                 lambda: f"linear_blocked_weight: x {tuple(x.shape)} against a packed weight "
                          f"{tuple(weight.shape)}")
+    torch._check(activation in LINEAR_ACTIVATIONS,
+                 lambda: f"linear_blocked_weight: activation {activation!r} is not one of "
+                         f"{sorted(LINEAR_ACTIVATIONS)}")
     return x.new_empty(x.shape[0], n)
 
 

@@ -9,6 +9,7 @@ from jitopt.passes.fuse_conv_epilogues import fuse_conv_epilogues
 from jitopt.passes.fuse_linear_epilogues import fuse_linear_epilogues
 from jitopt.passes.group_fusions import group_fusions
 from jitopt.passes.infra import PassRecord, run_passes
+from jitopt.passes.pack_linear_weight_blocks import pack_linear_weight_blocks
 from jitopt.passes.prepack_convolutions import prepack_convolutions
 from jitopt.passes.prepack_linear_weights import prepack_linear_weights
 from jitopt.passes.quantize_conv_int8_static import quantize_conv_int8_static
@@ -53,7 +54,9 @@ PIPELINE = [
     # With the int8 and int4 modes, embedding tables to int8 rows (after the linears: a table
     # tied to an output layer is quantized there from the fp32 copy this drops).
     quantize_embedding_int8,
-    # Frozen linear weights onto oneDNN, packed once (after the BN folds, which match addmm).
+    # Frozen linear weights of up to 128 rows to the CPU target's weight-streaming GEMM, the
+    # rest onto oneDNN, each packed once (after the BN folds, which match addmm).
+    pack_linear_weight_blocks,
     prepack_linear_weights,
     # Then activations right after such a linear become its post-op (before fusion claims them).
     fuse_linear_epilogues,
@@ -93,9 +96,13 @@ INFERENCE_ONLY = frozenset({remove_noops, fold_constants, fold_conv_bn, fold_lin
                             store_linear_weights_fp16, quantize_conv_int8_static,
                             quantize_embedding_int8, split_constant_bmm,
                             sink_views_through_pointwise, rewrite_causal_mask,
-                            prepack_linear_weights, rewrite_kv_cache, fuse_linear_epilogues,
-                            rewrite_conv_winograd, prepack_convolutions,
-                            fuse_conv_epilogues})
+                            pack_linear_weight_blocks, prepack_linear_weights,
+                            rewrite_kv_cache, fuse_linear_epilogues, rewrite_conv_winograd,
+                            prepack_convolutions, fuse_conv_epilogues})
+
+# Passes whose ops are fast only as the CPU target's hand-written kernels: they run only when
+# the `targets` option has "cpp" (elsewhere the ops' ATen references would run, slower).
+CPP_KERNEL_PASSES = frozenset({pack_linear_weight_blocks, rewrite_conv_winograd})
 
 # Passes that run only when the `quantize` option names their mode.
 QUANTIZE_PASSES = {"int8": (split_constant_bmm, quantize_linear_int8, quantize_embedding_int8),
@@ -108,5 +115,5 @@ QUANTIZE_PASSES = {"int8": (split_constant_bmm, quantize_linear_int8, quantize_e
                    "int8-static": (quantize_conv_int8_static,)}
 QUANTIZING = frozenset(p for passes in QUANTIZE_PASSES.values() for p in passes)
 
-__all__ = ["PIPELINE", "INFERENCE_ONLY", "QUANTIZE_PASSES", "QUANTIZING", "PassRecord",
-           "run_passes"]
+__all__ = ["PIPELINE", "INFERENCE_ONLY", "CPP_KERNEL_PASSES", "QUANTIZE_PASSES", "QUANTIZING",
+           "PassRecord", "run_passes"]

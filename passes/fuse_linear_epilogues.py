@@ -1,12 +1,16 @@
-"""Activations after a oneDNN linear become its post-op."""
+"""Activations after a oneDNN linear become its post-op, and after a float32 blocked-weight
+linear its epilogue."""
 
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 
-from jitopt.passes.graph_facts import is_op, only_user
+from jitopt.ops import blocked_linear_args
+from jitopt.passes.graph_facts import is_op, only_user, tensor_meta
 from jitopt.passes.prepack_linear_weights import LINEAR
+
+BLOCKED_LINEAR = torch.ops.jitopt.linear_blocked_weight.default
 
 aten = torch.ops.aten
 
@@ -23,24 +27,32 @@ POST_OPS = {
     aten.tanh.default: lambda n: ("tanh", ""),
     aten.sigmoid.default: lambda n: ("sigmoid", ""),
 }
+# activation op -> jitopt::linear_blocked_weight's name (jitopt/ops.py) for that node
+BLOCKED_ACTIVATIONS = {
+    aten.relu.default: lambda n: "relu",
+    aten.gelu.default: lambda n: "gelu_tanh" if _gelu(n)[1] == "tanh" else "gelu",
+    aten.silu.default: lambda n: "silu",
+    aten.tanh.default: lambda n: "tanh",
+    aten.sigmoid.default: lambda n: "sigmoid",
+}
 VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
 
 def fuse_linear_epilogues(gm: fx.GraphModule) -> int:
-    """Rewrites act(linear(x)) (a view may sit between) to one oneDNN linear with `act` as its
-    post-op, so the output is written once. Safe: the linear's result has no other user, and a
-    view commutes with an elementwise activation."""
+    """Rewrites act(linear(x)) (a view may sit between) to one linear with `act` applied as
+    the output is written, once: a oneDNN linear's post-op, or a float32 blocked-weight
+    linear's activation (the CPU target's kernel applies it). Safe: the linear's result has
+    no other user, and a view commutes with an elementwise activation."""
     fused = 0
     for node in list(gm.graph.nodes):
-        if not (is_op(node, LINEAR) and node.args[3] == "none"):
+        args = _fused_args(node)
+        if args is None:
             continue
         view, act = _single_activation_user(node)
         if act is None:
             continue
-        attr, algorithm = POST_OPS[act.target](act)
-        x, weight, bias = node.args[:3]
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(LINEAR, (x, weight, bias, attr, [], algorithm))
+            new = gm.graph.call_function(node.target, args(act))
         new.meta["val"] = node.meta["val"]
         result = new
         if view is not None:
@@ -53,6 +65,23 @@ def fuse_linear_epilogues(gm: fx.GraphModule) -> int:
                 gm.graph.erase_node(dead)
         fused += 1
     return fused
+
+
+def _fused_args(node: fx.Node):
+    """For a linear without an activation yet: activation node -> the fused call's args."""
+    if is_op(node, LINEAR) and node.args[3] == "none":
+        def onednn(act: fx.Node) -> tuple:
+            attr, algorithm = POST_OPS[act.target](act)
+            return (*node.args[:3], attr, [], algorithm)
+        return onednn
+    if not is_op(node, BLOCKED_LINEAR):
+        return None
+    x, weight, n, bias, activation = blocked_linear_args(node.args)
+    if activation == "none":
+        value = tensor_meta(weight)
+        if value is not None and value.dtype == torch.float32:  # (half weights: no epilogue)
+            return lambda act: (x, weight, n, bias, BLOCKED_ACTIVATIONS[act.target](act))
+    return None
 
 
 def _single_activation_user(node: fx.Node) -> tuple[fx.Node | None, fx.Node | None]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.fx as fx
@@ -43,23 +43,34 @@ def prepack_linear_weights(gm: fx.GraphModule) -> int:
 # Packed copies by source weight, shared by every graph compiled over the same weights (a
 # generation loop compiles prefill and decode graphs of one model): one reorder, one copy in
 # memory. Keyed by the tensor owning the storage (by identity: a weak reference drops the
-# entry with it); an entry is reused only for the same view at the same version.
+# entry with it); an entry is reused only for the same view at the same version, packed the
+# same way.
 _PACKED: dict[int, tuple[weakref.ref, dict]] = {}
 
 
-def _packed(weight: torch.Tensor) -> torch.Tensor:
-    """oneDNN's layout of `weight` for any batch size (a batch-size hint measured no faster)."""
+def packed_once(weight: torch.Tensor, pack: Callable[[torch.Tensor], torch.Tensor]
+                ) -> torch.Tensor:
+    """pack(weight), computed once per weight (view and version) and packing function."""
     owner = weight._base if weight._base is not None else weight
     if owner.is_inference():  # no version counter to tell an in-place update: never shared
-        return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        return pack(weight)
     entry = _PACKED.get(id(owner))
     if entry is None or entry[0]() is not owner:
         entry = (weakref.ref(owner, lambda _, key=id(owner): _PACKED.pop(key, None)), {})
         _PACKED[id(owner)] = entry
-    view = (tuple(weight.shape), weight.stride(), weight.storage_offset(), owner._version)
+    view = (tuple(weight.shape), weight.stride(), weight.storage_offset(), owner._version, pack)
     if view not in entry[1]:
-        entry[1][view] = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        entry[1][view] = pack(weight)
     return entry[1][view]
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's layout of `weight` for any batch size (a batch-size hint measured no faster)."""
+    return packed_once(weight, _onednn_layout)
+
+
+def _onednn_layout(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
 
 # Device type -> the float dtypes a rewrite takes linears in: oneDNN's packed fp32 on CPU.

@@ -13,7 +13,7 @@ from jitopt.passes.frozen_linears import frozen_linears, record_layer
 from jitopt.passes.quantize_linear_int8 import seconds, sqnr_db
 
 aten = torch.ops.aten
-LINEAR_HALF_WEIGHT = torch.ops.jitopt.linear_half_weight.default
+LINEAR_BLOCKED_WEIGHT = torch.ops.jitopt.linear_blocked_weight.default
 ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise.default
 # Above this many rows of x a linear stays fp32 (oneDNN's packed fp32 GEMM). Measured here on
 # GPT-2's shapes, the bfloat16-weight kernel against jitopt's fp32 linear: 1.5-2.2x at 1 row,
@@ -37,7 +37,7 @@ def store_linear_weights_bf16(gm: fx.GraphModule) -> int:
     shape; on this CPU's AVX512-BF16 about 2x from 16 rows up); a layer where fp32 is faster
     keeps fp32 and says so. Not exact: x's and W's rounding to 8 bits of mantissa, reported
     per layer. Without bfloat16 support in oneDNN: bfloat16 weights with float32 activations
-    and arithmetic (`jitopt::linear_half_weight`), as store_linear_weights_fp16 does."""
+    and arithmetic (`jitopt::linear_blocked_weight`), as store_linear_weights_fp16 does."""
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return _store_half(gm, torch.bfloat16)
     rewrites = 0
@@ -118,12 +118,12 @@ def _store_half(gm: fx.GraphModule, dtype: torch.dtype) -> int:
 
 def _half_weights(gm: fx.GraphModule, node: fx.Node, x: fx.Node, weight: torch.Tensor,
                   bias_node: fx.Node | None, dtype: torch.dtype) -> int:
-    """Replace the linear `node` by `jitopt::linear_half_weight` over `weight` in `dtype`."""
+    """Replace the linear `node` by `jitopt::linear_blocked_weight` over `weight` in `dtype`."""
     mode = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     half = weight.to(dtype)
     packed = add_constant(gm, pack_weight_blocks(half), f"{node.name}_{mode}", node)
     with gm.graph.inserting_before(node):
-        out = gm.graph.call_function(LINEAR_HALF_WEIGHT, (x, packed, weight.shape[0], bias_node))
+        out = gm.graph.call_function(LINEAR_BLOCKED_WEIGHT, (x, packed, weight.shape[0], bias_node))
     out.meta["val"] = node.meta["val"]
     node.replace_all_uses_with(out)
     gm.graph.erase_node(node)

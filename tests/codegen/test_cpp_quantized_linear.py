@@ -114,7 +114,7 @@ def test_int4_matches_the_reference(rows, k, n, group_size):
 def test_half_weights_match_the_reference(dtype, rows, k, n):
     torch.manual_seed(k + n)
     w, bias, x = torch.randn(n, k).to(dtype), torch.randn(n), torch.randn(rows, k)
-    fn = torch.compile(lambda x, w, b: torch.ops.jitopt.linear_half_weight(x, w, n, b),
+    fn = torch.compile(lambda x, w, b: torch.ops.jitopt.linear_blocked_weight(x, w, n, b),
                        backend="jitopt")
     got = fn(x, pack_weight_blocks(w), bias)
     want = (x.double() @ w.double().t() + bias.double()).float()

@@ -30,10 +30,9 @@ class TestWrapperSource(expecttest.TestCase):
         torch.manual_seed(0)
         source = _wrapper_source(Block().eval(), torch.randn(2, 3, 6, 6), 3)
         self.assertExpectedInline(source, """\
-# jitopt inference graph: 3 ops, 1 compiled partitions
+# jitopt inference graph: 2 ops, 2 compiled partitions
 _convolution_pointwise_default = aten_op("mkldnn::_convolution_pointwise.default")
 mean_dim = aten_op("aten::mean.dim")
-_linear_pointwise_default_ = aten_op("mkldnn::_linear_pointwise.default")
 
 
 def run(args):
@@ -46,9 +45,9 @@ def run(args):
     del _convolution_pointwise_default_1
     fused_0 = cpp_fused_0(mean)
     del mean
-    _linear_pointwise_default = _linear_pointwise_default_(fused_0, folded_addmm_packed, frozen_arg7_1, 'none', [], '')
+    fused_1 = cpp_fused_1(fused_0, folded_addmm_blocks, frozen_arg7_1)
     del fused_0
-    return (_linear_pointwise_default,)
+    return (fused_1,)
 """)
 
     def test_symbolic_sizes_are_arguments(self):
