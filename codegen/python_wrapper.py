@@ -26,6 +26,9 @@ _INFIX = {operator.add: "+", operator.sub: "-", operator.mul: "*", operator.true
 class WrapperSource:
     source: str
     bindings: dict[str, Any]  # constants, artifacts and non-literal arguments, by global name
+    # The same function with each compiled partition's call inside a torch.profiler
+    # record_function named after its kernel, for the runtime to run while a profiler records.
+    profiled_source: str = ""
 
 
 def render_wrapper(gm: fx.GraphModule, artifacts: dict[str, Any], title: str) -> WrapperSource:
@@ -54,10 +57,12 @@ class _Renderer:
         for n in placeholders:
             self.names[n] = n.name
         body = [f"    {_unpack(placeholders)} = args", "    args.clear()"]
+        profiled = list(body)
         for i, node in enumerate(nodes):
             line = self._line(node)
             if line:
                 body.append("    " + line)
+                profiled += self._profiled(node, line)
             # A donor stays alive until the kernel that writes into its buffer has run.
             dead = [self.names[a] for a in node.all_input_nodes
                     if last_use[a] == i and a.op != "get_attr" and node.op != "output"
@@ -66,10 +71,21 @@ class _Renderer:
             dead += [n.name for n in placeholders if n not in last_use and i == 0]
             if dead:
                 body.append(f"    del {', '.join(sorted(set(dead)))}")
+                profiled.append(body[-1])
         ops = sum(1 for n in nodes if n.op == "call_function")
-        lines = [f"# {title}: {ops} ops, {len(self.artifacts)} compiled partitions",
-                 *self.header.values(), "", "", "def run(args):", *body, ""]
-        return WrapperSource("\n".join(lines), self.bindings)
+        head = [f"# {title}: {ops} ops, {len(self.artifacts)} compiled partitions",
+                *self.header.values(), "", ""]
+        return WrapperSource("\n".join([*head, "def run(args):", *body, ""]), self.bindings,
+                             "\n".join([*head, "def run(args):", *profiled, ""]))
+
+    def _profiled(self, node: fx.Node, line: str) -> list[str]:
+        """`line` inside a record_function named "jitopt <partition>: <kernel>" when it
+        calls a compiled partition."""
+        if node.op != "call_module":
+            return ["    " + line]
+        kernel = getattr(self.artifacts[node.target], "kernel_name", "")
+        label = f"jitopt {node.target}: {kernel}" if kernel else f"jitopt {node.target}"
+        return [f"    with torch.profiler.record_function({label!r}):", "        " + line]
 
     def _line(self, node: fx.Node) -> str | None:
         if node.op == "placeholder":

@@ -154,7 +154,8 @@ class _FrozenVariants:
         compiled = CompiledGraph(wrapper.source, wrapper.bindings, name=self.kind,
                                  frozen=frozen, on_stale=self.on_stale if frozen else None,
                                  cuda_graph_inputs=self._cuda_graph_inputs(
-                                     frozen, gm, wrapper.source))
+                                     frozen, gm, wrapper.source),
+                                 profiled_source=wrapper.profiled_source)
         if frozen:
             self.variants.append(compiled)
         if measuring and self.report.quantized_layers:
