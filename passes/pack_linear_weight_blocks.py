@@ -8,13 +8,15 @@ import torch.fx as fx
 from jitopt.ops import pack_weight_blocks  # (importing jitopt.ops registers the op)
 from jitopt.passes.constants import add_constant, constant_value
 from jitopt.passes.graph_facts import tensor_meta
-from jitopt.passes.prepack_linear_weights import linear_operands, packed_once
+from jitopt.passes.prepack_linear_weights import (
+    already_packed, linear_operands, onednn_layout, packed_once)
 
 LINEAR_BLOCKED_WEIGHT = torch.ops.jitopt.linear_blocked_weight.default
-# Up to this many rows of x (or any number, when the rows are symbolic: a decode graph and
-# a prefill graph then share one packed weight), the kernel measured faster than oneDNN
-# with GPT-2's and the MLP benchmark's weights coming from memory: 1.2x at 1 and 16-64 rows,
-# 1.02-1.05x at 128, 1.3x on the MLP's 32. At 256 rows it measured 0.96x, at 1024 1.0x.
+# Up to this many rows of x (or any number, when the rows are symbolic), the kernel measured
+# faster than oneDNN with GPT-2's and the MLP benchmark's weights coming from memory: 1.2x at
+# 1 and 16-64 rows, 1.02-1.05x at 128, 1.3x on the MLP's 32. At 256 rows it measured 0.96x,
+# at 1024 1.0x. A weight an earlier graph packed one way (a prefill graph, then decode steps
+# over the same weights) is packed that way again: one copy in memory.
 MAX_ROWS = 128
 
 
@@ -34,10 +36,9 @@ def pack_linear_weight_blocks(gm: fx.GraphModule) -> int:
         if operands is None:
             continue
         x, weight_node, bias_node = operands
-        rows = tensor_meta(x).shape[0]
-        if isinstance(rows, int) and rows > MAX_ROWS:
-            continue
         weight = constant_value(weight_node)  # [K, N]
+        if not _takes(weight.t(), tensor_meta(x).shape[0]):
+            continue
         packed = add_constant(gm, packed_once(weight.t(), pack_weight_blocks),
                               node.name + "_blocks", node)
         with gm.graph.inserting_before(node):
@@ -48,3 +49,13 @@ def pack_linear_weight_blocks(gm: fx.GraphModule) -> int:
         gm.graph.erase_node(node)
         rewrites += 1
     return rewrites
+
+
+def _takes(weight: torch.Tensor, rows: object) -> bool:
+    """Blocks for this [N, K] weight at `rows` rows of x: where the kernel is the faster,
+    unless an earlier graph packed the weight for oneDNN; or where one packed it in blocks."""
+    if already_packed(weight, pack_weight_blocks):
+        return True
+    if already_packed(weight, onednn_layout):
+        return False
+    return not isinstance(rows, int) or rows <= MAX_ROWS

@@ -64,12 +64,22 @@ def packed_once(weight: torch.Tensor, pack: Callable[[torch.Tensor], torch.Tenso
     return entry[1][view]
 
 
+def already_packed(weight: torch.Tensor, pack: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Whether packed_once(weight, pack) would return a copy an earlier graph made."""
+    owner = weight._base if weight._base is not None else weight
+    entry = _PACKED.get(id(owner))
+    if entry is None or entry[0]() is not owner:  # (an inference tensor is never an owner)
+        return False
+    view = (tuple(weight.shape), weight.stride(), weight.storage_offset(), owner._version, pack)
+    return view in entry[1]
+
+
 def _packed(weight: torch.Tensor) -> torch.Tensor:
     """oneDNN's layout of `weight` for any batch size (a batch-size hint measured no faster)."""
-    return packed_once(weight, _onednn_layout)
+    return packed_once(weight, onednn_layout)
 
 
-def _onednn_layout(weight: torch.Tensor) -> torch.Tensor:
+def onednn_layout(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
 

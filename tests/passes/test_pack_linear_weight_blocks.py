@@ -92,3 +92,31 @@ def test_an_updated_weight_is_packed_again():
         torch._dynamo.reset()
         assert_same(torch.compile(model, backend="jitopt")(x), model(x), atol=1e-5)
     assert not torch.allclose(first, model(x))
+
+
+def test_a_weight_packed_for_onednn_stays_on_onednn():
+    """A long prompt's prefill (over 128 rows: oneDNN), then decode steps of 1 row over the
+    same weights: one packed copy, oneDNN's."""
+    prepack = importlib.import_module("jitopt.passes.prepack_linear_weights")
+    model = _mlp()
+    fast = torch.compile(model, backend="jitopt")
+    with torch.no_grad():
+        for rows in (200, 1):
+            x = torch.randn(rows, 64)
+            assert_same(fast(x), model(x), atol=1e-5, rtol=1e-5)
+    assert jitopt.counters["passes"]["pack_linear_weight_blocks"] == 0
+    _, views = prepack._PACKED[id(model[0].weight)]
+    assert len(views) == 1
+
+
+def test_a_weight_packed_in_blocks_stays_in_blocks():
+    prepack = importlib.import_module("jitopt.passes.prepack_linear_weights")
+    model = _mlp()
+    fast = torch.compile(model, backend="jitopt")
+    with torch.no_grad():
+        for rows in (1, 200):
+            x = torch.randn(rows, 64)
+            assert_same(fast(x), model(x), atol=1e-5, rtol=1e-5)
+    assert jitopt.counters["passes"]["pack_linear_weight_blocks"] == 6
+    _, views = prepack._PACKED[id(model[0].weight)]
+    assert len(views) == 1
