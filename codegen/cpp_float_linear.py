@@ -7,7 +7,8 @@ and there it measured 15-40% slower (GPT-2's layers at 128 rows: 1.48 ms against
 the same call with the weight in cache). This kernel prefetches the next piece of the weight
 while it multiplies the current one, so the weight's memory traffic hides behind the
 arithmetic: measured against oneDNN with the weights coming from memory, 1.3x on the MLP
-benchmark's 32-row layers, 1.02-1.05x on GPT-2's at 128 rows, 1.2x at 1 row, even at 1024.
+benchmark's 32-row layers, 1.02-1.05x on GPT-2's at 128 rows, 1.2x at 1 row; at 1024 rows
+(compute-bound), even.
 
 Layout and order: the weight is [N / 64, K, 64] (jitopt/ops.py's pack_weight_blocks), so a
 block of 64 output channels is one sequential stream. Each thread takes a contiguous range
@@ -60,6 +61,8 @@ def float_linear_spec(node: fx.Node) -> FloatLinearSpec:
     if xv.dim() != 2 or not isinstance(xv.shape[1], int):
         raise Declined("float linear kernel: an [M, K] x with static K")
     k = int(xv.shape[1])
+    if k == 0:
+        raise Declined("float linear kernel: no input channels (y would be the bias alone)")
     if tuple(wv.shape) != (-(-int(n) // WEIGHT_BLOCK), k, WEIGHT_BLOCK):
         raise Declined(f"float linear kernel: weight {tuple(wv.shape)} is not packed for "
                        f"{n} output channels")
@@ -68,27 +71,22 @@ def float_linear_spec(node: fx.Node) -> FloatLinearSpec:
 
 def float_linear_node(gm: fx.GraphModule) -> fx.Node | None:
     """The float32 blocked-weight linear of a partition float_linear_groups proposed."""
-    for node in gm.graph.nodes:
-        try:
-            float_linear_spec(node)
-        except Declined:
-            continue
-        return node
-    return None
+    return next((node for node in gm.graph.nodes if _runs(node)), None)
 
 
 def float_linear_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
     """Each float32 blocked-weight linear, alone in its group."""
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         return []  # written for AVX-512; elsewhere the op's ATen reference runs
-    groups = []
-    for node in gm.graph.nodes:
-        try:
-            float_linear_spec(node)
-        except Declined:
-            continue
-        groups.append([node])
-    return groups
+    return [[node] for node in gm.graph.nodes if _runs(node)]
+
+
+def _runs(node: fx.Node) -> bool:
+    try:
+        float_linear_spec(node)
+    except Declined:
+        return False
+    return True
 
 
 def render_float_linear(spec: FloatLinearSpec, name: str) -> str:

@@ -90,3 +90,9 @@ extern "C" void float_linear_0(const float* __restrict__ x, const float* __restr
   jo_float_linear<768, 2304, JO_ACT_GELU_TANH>(x, w, bias, y, M);
 }
 """)
+
+
+def test_no_input_channels_runs_the_reference():
+    packed, bias = pack_weight_blocks(torch.randn(70, 0)), torch.randn(70)
+    got = _compiled(70)(torch.randn(3, 0), packed, bias)
+    torch.testing.assert_close(got, bias.expand(3, 70))

@@ -120,3 +120,9 @@ def test_a_weight_packed_in_blocks_stays_in_blocks():
     assert jitopt.counters["passes"]["pack_linear_weight_blocks"] == 6
     _, views = prepack._PACKED[id(model[0].weight)]
     assert len(views) == 1
+
+
+def test_empty_layers_match_eager():
+    for layer in (nn.Linear(0, 8), nn.Linear(8, 0)):
+        got, want = _run(nn.Sequential(layer).eval(), torch.randn(3, layer.in_features))
+        assert_same(got, want)
