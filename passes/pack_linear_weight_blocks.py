@@ -54,8 +54,6 @@ def pack_linear_weight_blocks(gm: fx.GraphModule) -> int:
 def _takes(weight: torch.Tensor, rows: object) -> bool:
     """Blocks for this [N, K] weight at `rows` rows of x: where the kernel is the faster,
     unless an earlier graph packed the weight for oneDNN; or where one packed it in blocks."""
-    if 0 in weight.shape:  # nothing to stream (and no chunk of K to write y in)
-        return False
     if already_packed(weight, pack_weight_blocks):
         return True
     if already_packed(weight, onednn_layout):

@@ -90,8 +90,8 @@ ONEDNN_LINEARS = {"cpu": (torch.float32,)}
 def linear_operands(node: fx.Node, accept: Mapping[str, tuple[torch.dtype, ...]] = ONEDNN_LINEARS
                     ) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
     """(x, weight, bias) of `addmm(bias, x, weight)` or `mm(x, weight)` when a rewrite can take
-    it: a frozen 2-D weight whose device and dtype `accept` lists (by default oneDNN's:
-    float32 on CPU), x and the bias of that dtype and device, a 1-D frozen bias, no
+    it: a frozen, non-empty 2-D weight whose device and dtype `accept` lists (by default
+    oneDNN's: float32 on CPU), x and the bias of that dtype and device, a 1-D frozen bias, no
     alpha/beta scaling."""
     if is_op(node, aten.addmm.default) and not node.kwargs:
         bias_node, x, weight_node = node.args
@@ -105,6 +105,7 @@ def linear_operands(node: fx.Node, accept: Mapping[str, tuple[torch.dtype, ...]]
         return None
     weight, value = constant_value(weight_node), tensor_meta(x)
     ok = (weight.dim() == 2 and weight.dtype in accept.get(weight.device.type, ())
+          and 0 not in weight.shape  # (oneDNN rejects an empty product; ATen's is exact)
           and weight.layout == torch.strided and value is not None
           and value.dtype == weight.dtype and value.device.type == weight.device.type
           and (bias_node is None or constant_value(bias_node).dtype == weight.dtype))
