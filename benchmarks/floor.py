@@ -248,6 +248,8 @@ def run_model(name: str, quick: bool) -> dict[str, Any]:
         matmul_share = jitopt_profile(jit, 2 if quick else 5)
         calls = record_calls(model, inputs)
         peak_flops = onednn_fp32_gflops(512 if quick else 2048) * 1e9
+        if not calls:
+            raise RuntimeError(f"{name}: eager ran no matmul, convolution or attention call")
         rows, ways = zip(*[measure_call(call, quick, peak_flops) for call in calls])
         jitopt_s = _alternate(jit, medians["jitopt"], rows, ways, 1 if quick else ROUNDS)
     return {"model": name, "calls": list(rows), "peak_gflops": peak_flops / 1e9,

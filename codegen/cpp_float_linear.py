@@ -60,6 +60,10 @@ def float_linear_spec(node: fx.Node) -> FloatLinearSpec:
         raise Declined("float linear kernel: float32 CPU tensors only")
     if xv.dim() != 2 or not isinstance(xv.shape[1], int):
         raise Declined("float linear kernel: an [M, K] x with static K")
+    if bias is not None and tuple(operand_value(bias).shape) != (int(n),):
+        raise Declined(f"float linear kernel: a bias of {n} values only")
+    if activation not in ACTIVATIONS:
+        raise Declined(f"float linear kernel: no {activation!r} epilogue")
     k = int(xv.shape[1])
     if k == 0:
         raise Declined("float linear kernel: no input channels (y would be the bias alone)")
@@ -158,7 +162,8 @@ static inline void jo_float_tile(const float* x, int64_t K, const float* w, int6
 enum {{ JO_ACT_NONE, JO_ACT_RELU, JO_ACT_GELU, JO_ACT_GELU_TANH, JO_ACT_SILU, JO_ACT_TANH,
        JO_ACT_SIGMOID }};
 
-// The activations as the generated kernels compute them (codegen/lowering.py), per float.
+// The activations as the generated kernels compute them (codegen/lowering.py), per float
+// (GELU(+inf) is +inf, as in eager's scalar path; eager's vectorized erf GELU gives NaN).
 template <int ACT>
 static inline float jo_activation(float v) {{
   if constexpr (ACT == JO_ACT_RELU) return v < 0.0f ? 0.0f : v;  // NaN stays NaN

@@ -76,6 +76,8 @@ def quantized_linear_spec(node: fx.Node) -> QuantizedLinearSpec:
     if tuple(wv.shape) != (blocks, k, row_bytes // wv.element_size()) or wv.dtype != dtype:
         raise Declined(f"quantized-weight linear kernel: weight {tuple(wv.shape)} "
                        f"{wv.dtype} is not packed for {n} output channels")
+    if bias is not None and tuple(operand_value(bias).shape) != (int(n),):
+        raise Declined(f"quantized-weight linear kernel: a bias of {n} values only")
     if any(operand_value(p).dtype != torch.float32 for p in params):
         raise Declined("quantized-weight linear kernel: float32 scales only")
     return QuantizedLinearSpec(k, int(n), bias is not None, fmt, int(group_size))

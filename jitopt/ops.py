@@ -110,7 +110,7 @@ def linear_blocked_weight(x: torch.Tensor, weight: torch.Tensor, n: int,
     [M, n]; `act` one of LINEAR_ACTIVATIONS. This reference multiplies x into each block of
     64 output channels (one batched matmul: the weight is widened, never unpacked)."""
     blocks = torch.matmul(x, weight.to(x.dtype))  # [NB, M, 64]
-    y = blocks.permute(1, 0, 2).reshape(x.shape[0], -1)[:, :n]
+    y = blocks.permute(1, 0, 2).reshape(x.shape[0], weight.shape[0] * weight.shape[2])[:, :n]
     return LINEAR_ACTIVATIONS[activation](y + bias if bias is not None else y).contiguous()
 
 

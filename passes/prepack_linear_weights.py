@@ -91,8 +91,8 @@ def linear_operands(node: fx.Node, accept: Mapping[str, tuple[torch.dtype, ...]]
                     ) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
     """(x, weight, bias) of `addmm(bias, x, weight)` or `mm(x, weight)` when a rewrite can take
     it: a frozen, non-empty 2-D weight whose device and dtype `accept` lists (by default
-    oneDNN's: float32 on CPU), x and the bias of that dtype and device, a 1-D frozen bias, no
-    alpha/beta scaling."""
+    oneDNN's: float32 on CPU), x and the bias of that dtype and device, a frozen bias of one
+    value per output channel, no alpha/beta scaling."""
     if is_op(node, aten.addmm.default) and not node.kwargs:
         bias_node, x, weight_node = node.args
         if not is_constant(bias_node) or constant_value(bias_node).dim() != 1:
@@ -108,5 +108,7 @@ def linear_operands(node: fx.Node, accept: Mapping[str, tuple[torch.dtype, ...]]
           and 0 not in weight.shape  # (oneDNN rejects an empty product; ATen's is exact)
           and weight.layout == torch.strided and value is not None
           and value.dtype == weight.dtype and value.device.type == weight.device.type
-          and (bias_node is None or constant_value(bias_node).dtype == weight.dtype))
+          and (bias_node is None or (constant_value(bias_node).dtype == weight.dtype
+                                     # (addmm broadcasts a [1] bias; the kernels read [N])
+                                     and constant_value(bias_node).shape == weight.shape[1:])))
     return (x, weight_node, bias_node) if ok else None

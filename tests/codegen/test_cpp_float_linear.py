@@ -72,7 +72,8 @@ def test_symbolic_rows_and_a_non_contiguous_x():
         x = torch.randn(40, rows).t()  # [rows, 40], not contiguous
         torch.testing.assert_close(fn(x, packed, b), _reference(x, w, b), atol=2e-5,
                                    rtol=1e-5)
-    assert jitopt.counters["kernels"]["cpp_float_linear"] >= 1
+    # both graphs (static 2 rows, then symbolic rows, K static) on the kernel
+    assert jitopt.counters["kernels"]["cpp_float_linear"] == 2
 
 
 def test_zero_rows():
@@ -96,3 +97,11 @@ def test_no_input_channels_runs_the_reference():
     packed, bias = pack_weight_blocks(torch.randn(70, 0)), torch.randn(70)
     got = _compiled(70)(torch.randn(3, 0), packed, bias)
     torch.testing.assert_close(got, bias.expand(3, 70))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_reference_takes_zero_rows(dtype):
+    """Regression: the ATen reference (what runs while the kernel builds) failed to reshape
+    an empty product."""
+    packed, bias = pack_weight_blocks(torch.randn(70, 16).to(dtype)), torch.randn(70)
+    assert linear_blocked_weight(torch.randn(0, 16), packed, 70, bias, "relu").shape == (0, 70)

@@ -126,3 +126,19 @@ def test_empty_layers_match_eager():
     for layer in (nn.Linear(0, 8), nn.Linear(8, 0)):
         got, want = _run(nn.Sequential(layer).eval(), torch.randn(3, layer.in_features))
         assert_same(got, want)
+
+
+def test_a_broadcast_bias_stays_on_aten():
+    """Regression: addmm broadcasts a [1] bias, which the kernel read as [N] (past its end)."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(16, 70))
+            self.bias = nn.Parameter(torch.randn(1))
+
+        def forward(self, x):
+            return torch.addmm(self.bias, x, self.weight)
+
+    got, want = _run(Model().eval(), torch.randn(5, 16))
+    assert_same(got, want, atol=1e-5, rtol=1e-5)
+    assert jitopt.counters["passes"]["pack_linear_weight_blocks"] == 0
