@@ -94,30 +94,18 @@ def test_an_updated_weight_is_packed_again():
     assert not torch.allclose(first, model(x))
 
 
-def test_a_weight_packed_for_onednn_stays_on_onednn():
+@pytest.mark.parametrize("rows,blocked", [((200, 1), 0), ((1, 200), 6)])
+def test_a_weight_keeps_the_packing_its_first_graph_chose(rows, blocked):
     """A long prompt's prefill (over 128 rows: oneDNN), then decode steps of 1 row over the
-    same weights: one packed copy, oneDNN's."""
+    same weights, or the other way round: one packed copy, the first graph's."""
     prepack = importlib.import_module("jitopt.passes.prepack_linear_weights")
     model = _mlp()
     fast = torch.compile(model, backend="jitopt")
     with torch.no_grad():
-        for rows in (200, 1):
-            x = torch.randn(rows, 64)
+        for n in rows:
+            x = torch.randn(n, 64)
             assert_same(fast(x), model(x), atol=1e-5, rtol=1e-5)
-    assert jitopt.counters["passes"]["pack_linear_weight_blocks"] == 0
-    _, views = prepack._PACKED[id(model[0].weight)]
-    assert len(views) == 1
-
-
-def test_a_weight_packed_in_blocks_stays_in_blocks():
-    prepack = importlib.import_module("jitopt.passes.prepack_linear_weights")
-    model = _mlp()
-    fast = torch.compile(model, backend="jitopt")
-    with torch.no_grad():
-        for rows in (1, 200):
-            x = torch.randn(rows, 64)
-            assert_same(fast(x), model(x), atol=1e-5, rtol=1e-5)
-    assert jitopt.counters["passes"]["pack_linear_weight_blocks"] == 6
+    assert jitopt.counters["passes"]["pack_linear_weight_blocks"] == blocked
     _, views = prepack._PACKED[id(model[0].weight)]
     assert len(views) == 1
 
