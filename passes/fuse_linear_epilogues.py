@@ -3,6 +3,8 @@ linear its epilogue."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.fx as fx
 
@@ -67,7 +69,7 @@ def fuse_linear_epilogues(gm: fx.GraphModule) -> int:
     return fused
 
 
-def _fused_args(node: fx.Node):
+def _fused_args(node: fx.Node) -> Callable[[fx.Node], tuple] | None:
     """For a linear without an activation yet: activation node -> the fused call's args."""
     if is_op(node, LINEAR) and node.args[3] == "none":
         def onednn(act: fx.Node) -> tuple:
