@@ -60,16 +60,6 @@ def test_only_with_the_cpp_target():
     assert jitopt.counters["passes"]["pack_linear_weight_blocks"] == 0
 
 
-def test_training_graphs_keep_aten_linear():
-    model = nn.Linear(6, 5)
-    x = torch.randn(4, 6, requires_grad=True)
-    torch.compile(model, backend="jitopt")(x).sum().backward()
-    assert jitopt.counters["passes"]["pack_linear_weight_blocks"] == 0
-    x2 = x.detach().clone().requires_grad_()
-    model(x2).sum().backward()
-    assert_same(x.grad, x2.grad)
-
-
 def test_graphs_over_the_same_weights_share_one_packed_copy():
     prepack = importlib.import_module("jitopt.passes.prepack_linear_weights")
     model = nn.Sequential(nn.Linear(16, 8)).eval()

@@ -83,6 +83,7 @@ def test_training_graphs_keep_aten_linear():
     out = torch.compile(model, backend="jitopt")(x)
     out.sum().backward()
     assert jitopt.counters["passes"]["prepack_linear_weights"] == 0
+    assert jitopt.counters["passes"]["pack_linear_weight_blocks"] == 0  # (nor the blocked one)
     x2 = x.detach().clone().requires_grad_()
     model(x2).sum().backward()
     assert_same(x.grad, x2.grad)
